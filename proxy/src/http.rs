@@ -1,0 +1,11 @@
+//! The http and grpc edge: a reverse proxy on hyper.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::edge::EdgeCtx;
+
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
+    let _ = (listener, ctx);
+}

@@ -1,0 +1,151 @@
+//! Per-edge metrics through the `metrics` facade; the daemon installs the Prometheus exporter.
+//!
+//! Names follow Prometheus conventions: `rig_edge_` prefix, base units, counters end in `_total`.
+//! Labels come from small bounded sets: `env`, `edge`, `source`, `target`, `protocol`, plus
+//! `status` (HTTP status or gRPC code name), `direction` and `fault`.
+//!
+//! | name | type | extra labels | meaning |
+//! |---|---|---|---|
+//! | `rig_edge_requests_total` | counter | `status` | http/grpc requests answered, by status |
+//! | `rig_edge_request_duration_seconds` | histogram | | request latency seen by the client |
+//! | `rig_edge_bytes_total` | counter | `direction` | bytes relayed, `upstream` (to the target) or `downstream` |
+//! | `rig_edge_connections_total` | counter | | connections accepted |
+//! | `rig_edge_connections_open` | gauge | | connections open now |
+//! | `rig_edge_faults_injected_total` | counter | `fault` | faults injected, by kind |
+//! | `rig_edge_upstream_errors_total` | counter | | failures to reach the target |
+//! | `rig_edge_policy_version` | gauge | | version of the chaos policy in force |
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use metrics::{Counter, Gauge, Histogram, Label};
+
+use crate::events::{EdgeInfo, FaultKind};
+
+pub const REQUESTS_TOTAL: &str = "rig_edge_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "rig_edge_request_duration_seconds";
+pub const BYTES_TOTAL: &str = "rig_edge_bytes_total";
+pub const CONNECTIONS_TOTAL: &str = "rig_edge_connections_total";
+pub const CONNECTIONS_OPEN: &str = "rig_edge_connections_open";
+pub const FAULTS_INJECTED_TOTAL: &str = "rig_edge_faults_injected_total";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "rig_edge_upstream_errors_total";
+pub const POLICY_VERSION: &str = "rig_edge_policy_version";
+
+/// Register names, units and help texts with the installed recorder. Call once at start-up.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(REQUESTS_TOTAL, "HTTP/gRPC requests answered through an edge, by status");
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Request latency through an edge, as the client sees it"
+    );
+    describe_counter!(BYTES_TOTAL, Unit::Bytes, "Bytes relayed through an edge, by direction");
+    describe_counter!(CONNECTIONS_TOTAL, "Connections accepted by an edge proxy");
+    describe_gauge!(CONNECTIONS_OPEN, "Connections open through an edge proxy");
+    describe_counter!(FAULTS_INJECTED_TOTAL, "Faults injected by an edge proxy, by kind");
+    describe_counter!(UPSTREAM_ERRORS_TOTAL, "Failures to reach or talk to an edge's target");
+    describe_gauge!(POLICY_VERSION, "Version of the chaos policy in force on an edge");
+}
+
+/// Handles for one edge, built once so the hot path does no label work.
+#[derive(Debug, Clone)]
+pub struct EdgeMetrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    labels: Vec<Label>,
+    duration: Histogram,
+    bytes_up: Counter,
+    bytes_down: Counter,
+    connections: Counter,
+    open: Gauge,
+    upstream_errors: Counter,
+    version: Gauge,
+    by_status: Mutex<HashMap<String, Counter>>,
+    by_fault: Mutex<HashMap<FaultKind, Counter>>,
+}
+
+impl EdgeMetrics {
+    pub fn new(info: &EdgeInfo) -> Self {
+        let labels = vec![
+            Label::new("env", info.env.clone()),
+            Label::new("edge", info.edge.clone()),
+            Label::new("source", info.source.clone()),
+            Label::new("target", info.target.clone()),
+            Label::new("protocol", info.protocol.as_str()),
+        ];
+        let with = |k: &'static str, v: &'static str| {
+            let mut l = labels.clone();
+            l.push(Label::new(k, v));
+            l
+        };
+        EdgeMetrics {
+            inner: Arc::new(Inner {
+                duration: metrics::histogram!(REQUEST_DURATION_SECONDS, labels.clone()),
+                bytes_up: metrics::counter!(BYTES_TOTAL, with("direction", "upstream")),
+                bytes_down: metrics::counter!(BYTES_TOTAL, with("direction", "downstream")),
+                connections: metrics::counter!(CONNECTIONS_TOTAL, labels.clone()),
+                open: metrics::gauge!(CONNECTIONS_OPEN, labels.clone()),
+                upstream_errors: metrics::counter!(UPSTREAM_ERRORS_TOTAL, labels.clone()),
+                version: metrics::gauge!(POLICY_VERSION, labels.clone()),
+                by_status: Mutex::default(),
+                by_fault: Mutex::default(),
+                labels,
+            }),
+        }
+    }
+
+    /// A request was answered with `status` (HTTP status or gRPC code name) after `secs`.
+    pub fn request(&self, status: &str, secs: f64) {
+        self.inner.duration.record(secs);
+        let mut map = self.inner.by_status.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(status) {
+            c.increment(1);
+            return;
+        }
+        let mut l = self.inner.labels.clone();
+        l.push(Label::new("status", status.to_owned()));
+        let c = metrics::counter!(REQUESTS_TOTAL, l);
+        c.increment(1);
+        map.insert(status.to_owned(), c);
+    }
+
+    pub fn fault(&self, kind: FaultKind) {
+        let mut map = self.inner.by_fault.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(kind)
+            .or_insert_with(|| {
+                let mut l = self.inner.labels.clone();
+                l.push(Label::new("fault", kind.as_str()));
+                metrics::counter!(FAULTS_INJECTED_TOTAL, l)
+            })
+            .increment(1);
+    }
+
+    pub fn bytes_upstream(&self, n: u64) {
+        self.inner.bytes_up.increment(n);
+    }
+
+    pub fn bytes_downstream(&self, n: u64) {
+        self.inner.bytes_down.increment(n);
+    }
+
+    pub fn connection_opened(&self) {
+        self.inner.connections.increment(1);
+        self.inner.open.increment(1.0);
+    }
+
+    pub fn connection_closed(&self) {
+        self.inner.open.decrement(1.0);
+    }
+
+    pub fn upstream_error(&self) {
+        self.inner.upstream_errors.increment(1);
+    }
+
+    pub fn policy_version(&self, v: u64) {
+        self.inner.version.set(v as f64);
+    }
+}

@@ -1,0 +1,1 @@
+//! http and gRPC upstreams (owned by the http data-plane work).

@@ -1,0 +1,1 @@
+//! A tcp echo upstream (owned by the tcp data-plane work).
