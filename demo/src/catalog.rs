@@ -34,9 +34,7 @@ const MAX_ID_LEN: usize = 256;
 pub async fn run(mut shutdown: Shutdown) -> Result<()> {
     let store = StorePool::new(common::egress_addr("store")?);
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CatalogServer<CatalogService>>()
-        .await;
+    health.set_serving::<CatalogServer<CatalogService>>().await;
 
     let listener = common::bind("catalog").await?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -60,7 +58,10 @@ pub struct CatalogService {
 impl Catalog for CatalogService {
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<Item>, Status> {
         let id = request.into_inner().id;
-        if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if id.is_empty()
+            || id.len() > MAX_ID_LEN
+            || id.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(Status::invalid_argument(
                 "id must be 1-256 characters without whitespace",
             ));
@@ -87,8 +88,14 @@ fn parse_item(id: &str, value: &str) -> Result<Item, Status> {
     let json: serde_json::Value = serde_json::from_str(value).map_err(|_| bad("is not JSON"))?;
     let field = |name: &str| json.get(name).ok_or_else(|| bad(&format!("has no {name}")));
     Ok(Item {
-        id: field("id")?.as_str().ok_or_else(|| bad("has a non-string id"))?.to_owned(),
-        name: field("name")?.as_str().ok_or_else(|| bad("has a non-string name"))?.to_owned(),
+        id: field("id")?
+            .as_str()
+            .ok_or_else(|| bad("has a non-string id"))?
+            .to_owned(),
+        name: field("name")?
+            .as_str()
+            .ok_or_else(|| bad("has a non-string name"))?
+            .to_owned(),
         price_cents: field("price_cents")?
             .as_i64()
             .ok_or_else(|| bad("has a non-integer price_cents"))?,
@@ -138,7 +145,10 @@ impl StorePool {
     }
 
     fn checkout(&self) -> Option<StoreConn> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop()
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
     }
 
     fn checkin(&self, conn: StoreConn) {
@@ -161,18 +171,29 @@ impl StorePool {
             conn.write_all(format!("GET {key}\n").as_bytes()).await?;
             conn.flush().await?;
             let mut line = Vec::new();
-            (&mut conn).take(MAX_REPLY).read_until(b'\n', &mut line).await?;
+            (&mut conn)
+                .take(MAX_REPLY)
+                .read_until(b'\n', &mut line)
+                .await?;
             match line.strip_suffix(b"\n") {
                 Some(line) => Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec()),
                 None if line.is_empty() => Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "store closed the connection",
                 )),
-                None => Err(io::Error::new(io::ErrorKind::InvalidData, "reply too long or cut short")),
+                None => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "reply too long or cut short",
+                )),
             }
         })
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {IO_TIMEOUT:?}")))??;
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {IO_TIMEOUT:?}"),
+            )
+        })??;
 
         let value = if answer == b"NONE" {
             None
@@ -198,12 +219,20 @@ mod tests {
 
     #[test]
     fn parses_seeded_items_and_rejects_others() {
-        let item = parse_item("item-7", r#"{"id":"item-7","name":"Widget 7","price_cents":5632}"#)
-            .expect("valid item");
+        let item = parse_item(
+            "item-7",
+            r#"{"id":"item-7","name":"Widget 7","price_cents":5632}"#,
+        )
+        .expect("valid item");
         assert_eq!(item.id, "item-7");
         assert_eq!(item.name, "Widget 7");
         assert_eq!(item.price_cents, 5632);
-        for bad in ["nope", "{}", r#"{"id":1,"name":"x","price_cents":1}"#, r#"{"id":"a","name":"x","price_cents":"1"}"#] {
+        for bad in [
+            "nope",
+            "{}",
+            r#"{"id":1,"name":"x","price_cents":1}"#,
+            r#"{"id":"a","name":"x","price_cents":"1"}"#,
+        ] {
             let err = parse_item("a", bad).expect_err(bad);
             assert_eq!(err.code(), tonic::Code::Internal);
         }

@@ -138,11 +138,16 @@ pub async fn accept(listener: &TcpListener) -> TcpStream {
 }
 
 /// An HTTP/1.1 response with a fixed body.
-pub fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub fn response(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     if let Ok(value) = content_type.parse() {
-        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        resp.headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
     }
     resp
 }

@@ -57,7 +57,9 @@ async fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         other => {
-            log(format_args!("rig-demo: unknown subcommand {other:?}\n{USAGE}"));
+            log(format_args!(
+                "rig-demo: unknown subcommand {other:?}\n{USAGE}"
+            ));
             return ExitCode::from(2);
         }
     };

@@ -71,7 +71,8 @@ pub async fn run(mut shutdown: Shutdown) -> Result<()> {
     let mut send = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     // After a stall, carry on at the configured rate rather than bursting to catch up.
     send.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut report = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+    let mut report =
+        tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
     report.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_report = start;
     let stop = async move {
@@ -122,7 +123,12 @@ async fn healthz(req: Request<Incoming>) -> hyper::Response<http_body_util::Full
     }
 }
 
-async fn one_request(client: HttpClient, uri: String, stats: Arc<Mutex<Window>>, _permit: OwnedSemaphorePermit) {
+async fn one_request(
+    client: HttpClient,
+    uri: String,
+    stats: Arc<Mutex<Window>>,
+    _permit: OwnedSemaphorePermit,
+) {
     let started = Instant::now();
     let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
         let uri: Uri = uri.parse().ok()?;
@@ -254,7 +260,8 @@ fn parse_duration(s: &str) -> Result<Duration> {
         .parse()
         .with_context(|| format!("DURATION={s:?} is not a duration like 10s"))?;
     // try_from: from_secs_f64 would panic on an absurdly large value.
-    Duration::try_from_secs_f64(number * scale).with_context(|| format!("DURATION={s:?} is out of range"))
+    Duration::try_from_secs_f64(number * scale)
+        .with_context(|| format!("DURATION={s:?} is out of range"))
 }
 
 #[cfg(test)]
@@ -265,8 +272,14 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("10").ok(), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("2s").ok(), Some(Duration::from_secs(2)));
-        assert_eq!(parse_duration(" 1.5s ").ok(), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("500ms").ok(), Some(Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration(" 1.5s ").ok(),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_duration("500ms").ok(),
+            Some(Duration::from_millis(500))
+        );
         assert_eq!(parse_duration("2m").ok(), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h").ok(), Some(Duration::from_secs(3600)));
         for bad in ["", "s", "-1", "10x", "1e999", "1.2.3s"] {
@@ -292,9 +305,10 @@ mod tests {
         w.record(StatusCode::NOT_FOUND, Duration::from_millis(1));
         w.record(StatusCode::BAD_GATEWAY, Duration::from_millis(1));
         w.errors = 2;
+        // 102 latencies (1, 1, 1, 2, ..., 100 ms): nearest ranks 51 and 101.
         assert_eq!(
             w.summary(Duration::from_secs(1)),
-            "traffic: 104 req/s ok=100 4xx=1 5xx=1 errors=2 p50=50.0ms p99=99.0ms"
+            "traffic: 104 req/s ok=100 4xx=1 5xx=1 errors=2 p50=49.0ms p99=99.0ms"
         );
         assert_eq!(
             Window::default().summary(Duration::from_secs(1)),

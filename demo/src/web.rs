@@ -74,7 +74,10 @@ async fn get_item(mut catalog: CatalogClient<Channel>, id: String) -> Response<F
         Err(_elapsed) => return timeout_response(),
     };
     match status.code() {
-        Code::NotFound => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not found", "id": id })),
+        Code::NotFound => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": "not found", "id": id }),
+        ),
         Code::DeadlineExceeded => timeout_response(),
         // tonic reports its own client-side deadline expiry as CANCELLED
         // "Timeout expired" (we never cancel calls otherwise).

@@ -1,11 +1,601 @@
 //! The http and grpc edge: a reverse proxy on hyper.
+//!
+//! Downstream, hyper-util's `auto` server speaks HTTP/1.1 (keep-alive) and HTTP/2 cleartext
+//! (prior knowledge) on the same port. Upstream, two hyper-util legacy clients built once per
+//! edge keep connections to the target pooled: HTTP/1 requests go out over HTTP/1.1, HTTP/2
+//! requests (and everything on a grpc edge) over h2c. Bodies stream both ways frame by frame,
+//! trailers included.
+//!
+//! Per request, in this order and only for requests the policy's `match` selects:
+//! partition (`reject` answers at once, `blackhole` holds), hang, error, latency, then bandwidth
+//! on the body frames ([`body::Throttle`]). A request held by a blackhole or a hang is released
+//! when the policy changes and is then handled under the new policy; a latency delay released
+//! early simply forwards. Every response rig makes up comes from [`respond`], which marks it with
+//! [`crate::INJECTED_HEADER`].
+//!
+//! Events: `request.started` on arrival; `request.completed` when the response body ends
+//! (injected error answers included, with their faults); `request.failed` when no proper
+//! answer could be given: the target was unreachable or failed (the client still gets a 502 /
+//! UNAVAILABLE from rig), a hang closed the connection, the response body broke, or the client
+//! went away first. `rig_edge_requests_total` counts every request whose response head reached
+//! the client, by HTTP status or gRPC code name.
 
-use std::sync::Arc;
+mod body;
+mod grpc;
+mod respond;
 
-use tokio::net::TcpListener;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use crate::edge::EdgeCtx;
+use http::header::{self, HeaderMap, HeaderName};
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::edge::{Active, EdgeCtx, Limiters, hold};
+use crate::events::{ConnectionInfo, EventKind, FaultKind};
+use crate::policy::{BandwidthFault, ChaosPolicy, HangThen, PartitionMode};
+
+use body::{Dir, DownBody, LimiterRef, Obs, Throttle, UpBody};
+use respond::Rescue;
+
+/// How long open connections may finish their requests once the edge stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for a TCP connection to the target.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle upstream connections are closed after this long.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+type UpstreamClient = Client<HttpConnector, UpBody>;
+
+/// The state shared by every connection of one http / grpc edge.
+pub(crate) struct Proxy {
+    ctx: Arc<EdgeCtx>,
+    grpc: bool,
+    h1: UpstreamClient,
+    h2: UpstreamClient,
+    authority: Authority,
+    /// `{"error":"injected by rig","edge":...}`, built once.
+    default_error_body: bytes::Bytes,
+}
+
+/// Why rig closes a connection instead of answering (the service's error: hyper then closes the
+/// HTTP/1 connection or resets the HTTP/2 stream).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Closed(&'static str);
+
+/// What the fault phase decided for one request.
+enum Decision {
+    Forward(Plan),
+    Respond(Rescue),
+    Close(&'static str),
+    /// A hold was released by a policy change: decide again under the new policy.
+    Released,
+}
+
+/// How to forward a request that faults let through.
+#[derive(Default)]
+struct Plan {
+    up: Option<Throttle>,
+    down: Option<Throttle>,
+    /// Downstream blackhole: hold the response of this policy version.
+    hold_response: Option<u64>,
+}
 
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
-    let _ = (listener, ctx);
+    let proxy = Arc::new(Proxy::new(ctx.clone()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(edge = %ctx.info.edge, error = %e, "accept failed");
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                }
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(edge = %ctx.info.edge, error = %e, "cannot set TCP_NODELAY");
+        }
+        ctx.tracker
+            .spawn(serve_connection(proxy.clone(), builder.clone(), stream, peer));
+    }
+    debug!(edge = %ctx.info.edge, "http edge stopped accepting");
+}
+
+/// Per downstream connection.
+struct ConnState {
+    id: u64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    /// Limiters of a per-connection bandwidth policy, with the policy version they belong to.
+    limiters: Mutex<Option<(u64, Arc<Limiters>)>>,
+}
+
+impl ConnState {
+    fn limiters(&self, version: u64, bw: &BandwidthFault) -> Arc<Limiters> {
+        let mut g = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((v, l)) = &*g
+            && *v == version
+        {
+            return l.clone();
+        }
+        let l = Arc::new(Limiters::new(bw));
+        *g = Some((version, l.clone()));
+        l
+    }
+}
+
+async fn serve_connection(
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let ctx = proxy.ctx.clone();
+    let conn = Arc::new(ConnState {
+        id: ctx.next_id(),
+        bytes_up: AtomicU64::new(0),
+        bytes_down: AtomicU64::new(0),
+        limiters: Mutex::new(None),
+    });
+    let opened = Instant::now();
+    ctx.metrics.connection_opened();
+    if ctx.events.has_subscribers() {
+        ctx.events.send(
+            &ctx.info,
+            EventKind::ConnectionOpened(conn_info(&conn, peer, None, Vec::new(), None)),
+        );
+    }
+    let io = TokioIo::new(CountingIo {
+        inner: stream,
+        conn: conn.clone(),
+    });
+    let svc = {
+        let proxy = proxy.clone();
+        let conn = conn.clone();
+        hyper::service::service_fn(move |req| {
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            async move { proxy.handle(conn, req).await }
+        })
+    };
+    let http = builder.serve_connection(io, svc);
+    tokio::pin!(http);
+    let mut policy = ctx.cell.subscribe();
+    policy.borrow_and_update();
+    let mut watching = true;
+    let mut faults = Vec::new();
+    let result: Result<(), String> = loop {
+        tokio::select! {
+            r = http.as_mut() => break r.map_err(|e| e.to_string()),
+            _ = ctx.shutdown.cancelled() => {
+                http.as_mut().graceful_shutdown();
+                break match tokio::time::timeout(SHUTDOWN_GRACE, http.as_mut()).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("closed by edge shutdown".to_owned()),
+                };
+            }
+            changed = policy.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                    continue;
+                }
+                // A partition that cuts existing connections acts like a network cut: drop the
+                // connection with whatever is in flight. One scoped by `match` only concerns
+                // some requests, so it leaves connections alone.
+                let cut = {
+                    let a = policy.borrow_and_update();
+                    a.policy.matcher.is_none() && a.policy.partition.is_some_and(|p| p.cut_existing)
+                };
+                if cut {
+                    ctx.metrics.fault(FaultKind::Partition);
+                    faults.push(FaultKind::Partition);
+                    debug!(edge = %ctx.info.edge, connection = conn.id, fault = ?FaultKind::Partition, "connection cut");
+                    break Err("cut by partition".to_owned());
+                }
+            }
+        }
+    };
+    if let Err(e) = &result {
+        debug!(edge = %ctx.info.edge, connection = conn.id, error = %e, "connection ended");
+    }
+    ctx.metrics.connection_closed();
+    if ctx.events.has_subscribers() {
+        ctx.events.send(
+            &ctx.info,
+            EventKind::ConnectionClosed(conn_info(
+                &conn,
+                peer,
+                Some(opened.elapsed()),
+                faults,
+                result.err(),
+            )),
+        );
+    }
+}
+
+fn conn_info(
+    conn: &ConnState,
+    peer: SocketAddr,
+    duration: Option<Duration>,
+    faults: Vec<FaultKind>,
+    error: Option<String>,
+) -> ConnectionInfo {
+    ConnectionInfo {
+        connection_id: conn.id,
+        peer,
+        bytes_upstream: conn.bytes_up.load(Ordering::Relaxed),
+        bytes_downstream: conn.bytes_down.load(Ordering::Relaxed),
+        duration,
+        faults,
+        error,
+    }
+}
+
+/// True when nothing in the policy acts on http requests.
+fn passthrough(p: &ChaosPolicy) -> bool {
+    p.latency.is_none()
+        && p.error.is_none()
+        && p.hang.is_none()
+        && p.partition.is_none()
+        && p.bandwidth.is_none()
+}
+
+impl Proxy {
+    fn new(ctx: Arc<EdgeCtx>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .http2_only(true)
+            .build(connector);
+        // A socket address always makes a valid authority.
+        let authority = Authority::try_from(ctx.target.to_string().as_str())
+            .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
+        let default_error_body = serde_json::json!({"error": "injected by rig", "edge": ctx.info.edge})
+            .to_string()
+            .into();
+        Proxy {
+            grpc: ctx.info.protocol == crate::policy::Protocol::Grpc,
+            ctx,
+            h1,
+            h2,
+            authority,
+            default_error_body,
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        conn: Arc<ConnState>,
+        req: Request<Incoming>,
+    ) -> Result<Response<DownBody>, Closed> {
+        let mut obs = Obs::start(&self.ctx, self.grpc, &req);
+        let mut active = self.ctx.cell.current();
+        let plan = loop {
+            if passthrough(&active.policy) || !self.selected(&active, &req) {
+                break Plan::default();
+            }
+            match self.decide(&active, &conn, &mut obs).await {
+                Decision::Forward(plan) => break plan,
+                Decision::Respond(r) => return Ok(self.respond(r, Some(&active), obs)),
+                Decision::Close(reason) => {
+                    obs.fail(reason);
+                    return Err(Closed(reason));
+                }
+                Decision::Released => active = self.ctx.cell.current(),
+            }
+        };
+        drop(active);
+        self.forward(req, plan, obs).await
+    }
+
+    /// Does the policy's `match` select this request?
+    fn selected(&self, active: &Active, req: &Request<Incoming>) -> bool {
+        let Some(m) = &active.policy.matcher else {
+            return true;
+        };
+        m.matches(req.method().as_str(), req.uri().path(), |k| {
+            req.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+    }
+
+    fn inject(&self, obs: &mut Obs, kind: FaultKind) {
+        self.ctx.metrics.fault(kind);
+        obs.fault(kind);
+        debug!(edge = %self.ctx.info.edge, fault = ?kind, "injected");
+    }
+
+    /// After a hold ended early: the edge stopping closes, a policy change decides again.
+    fn released(&self) -> Decision {
+        if self.ctx.shutdown.is_cancelled() {
+            Decision::Close("edge shutting down")
+        } else {
+            Decision::Released
+        }
+    }
+
+    /// The fault phase of one request under one policy snapshot.
+    async fn decide(&self, active: &Arc<Active>, conn: &ConnState, obs: &mut Obs) -> Decision {
+        let p = &active.policy;
+        let version = active.version;
+        let mut plan = Plan::default();
+        if let Some(part) = p.partition {
+            self.inject(obs, FaultKind::Partition);
+            match part.mode {
+                PartitionMode::Reject => return Decision::Respond(Rescue::PartitionReject),
+                PartitionMode::Blackhole if part.direction.upstream() => {
+                    hold(&self.ctx, version, None).await;
+                    return self.released();
+                }
+                PartitionMode::Blackhole => plan.hold_response = Some(version),
+            }
+        }
+        if let Some(h) = p.hang
+            && active.roll(h.rate)
+        {
+            self.inject(obs, FaultKind::Hang);
+            if hold(&self.ctx, version, h.duration).await {
+                return match h.then {
+                    HangThen::Close => Decision::Close("hang: connection closed by rig"),
+                    HangThen::Timeout => Decision::Respond(Rescue::HangTimeout),
+                };
+            }
+            return self.released();
+        }
+        if let Some(e) = &p.error
+            && active.roll(e.rate)
+        {
+            self.inject(obs, FaultKind::Error);
+            let status = if self.grpc { 200 } else { active.pick_status() };
+            return Decision::Respond(Rescue::Error { status });
+        }
+        if let Some(d) = active.sample_latency() {
+            self.inject(obs, FaultKind::Latency);
+            if !hold(&self.ctx, version, Some(d)).await && self.ctx.shutdown.is_cancelled() {
+                return Decision::Close("edge shutting down");
+            }
+        }
+        if let Some(bw) = p.bandwidth {
+            self.inject(obs, FaultKind::Bandwidth);
+            let lim = if bw.per_connection {
+                LimiterRef::Conn(conn.limiters(version, &bw))
+            } else {
+                LimiterRef::Edge(active.clone())
+            };
+            plan.up = Throttle::new(lim.clone(), Dir::Up);
+            plan.down = Throttle::new(lim, Dir::Down);
+        }
+        Decision::Forward(plan)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        plan: Plan,
+        mut obs: Obs,
+    ) -> Result<Response<DownBody>, Closed> {
+        let (mut parts, body) = req.into_parts();
+        if parts.method == Method::CONNECT {
+            return Ok(self.respond(Rescue::BadRequest("CONNECT is not supported"), None, obs));
+        }
+        let Some(uri) = self.target_uri(&parts.uri) else {
+            return Ok(self.respond(Rescue::BadRequest("invalid request target"), None, obs));
+        };
+        parts.uri = uri;
+        strip_hop_by_hop(&mut parts.headers);
+        let h2 = self.grpc || parts.version == Version::HTTP_2;
+        parts.version = match parts.version {
+            _ if h2 => Version::HTTP_2,
+            Version::HTTP_10 => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        let body = UpBody::new(body, plan.up, self.ctx.metrics.clone(), obs.request_counter());
+        let req = Request::from_parts(parts, body);
+        let sent = if h2 { self.h2.request(req) } else { self.h1.request(req) };
+        let resp = match sent.await {
+            Ok(r) => r,
+            Err(e) => return Ok(self.respond(Rescue::Upstream(e), None, obs)),
+        };
+        if let Some(version) = plan.hold_response {
+            // One-way partition: the target got the request, its answer goes nowhere until the
+            // partition is lifted (then it is delivered late, as a healed network would).
+            hold(&self.ctx, version, None).await;
+            if self.ctx.shutdown.is_cancelled() {
+                obs.fail("edge shutting down");
+                return Err(Closed("edge shutting down"));
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        obs.response_head(parts.status, &parts.headers);
+        Ok(Response::from_parts(parts, DownBody::upstream(body, plan.down, obs)))
+    }
+
+    /// The request's path and query on the target.
+    fn target_uri(&self, uri: &Uri) -> Option<Uri> {
+        let mut p = http::uri::Parts::default();
+        p.scheme = Some(Scheme::HTTP);
+        p.authority = Some(self.authority.clone());
+        p.path_and_query = Some(match uri.path_and_query() {
+            Some(pq) => pq.clone(),
+            None => http::uri::PathAndQuery::from_static("/"),
+        });
+        Uri::from_parts(p).ok()
+    }
+}
+
+/// Headers that belong to one connection, not to the message (RFC 9110 7.6.1), as other
+/// proxies strip them. `te: trailers` stays: gRPC requires it and it is end-to-end in
+/// meaning. `trailer` stays: hyper needs it to send HTTP/1.1 trailers.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names first: most messages carry none of these, and comparing
+    // standard names is cheap while removing means hashing.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| n != header::TE)
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    let keep_te = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(n);
+    }
+    if keep_te {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The downstream socket, counting bytes for the connection's events.
+struct CountingIo {
+    inner: TcpStream,
+    conn: Arc<ConnState>,
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.conn.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.conn.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.conn.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::HOST, "example".parse().unwrap());
+        h.insert(header::TRAILER, "grpc-status".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "te", "trailer"]);
+        assert_eq!(h[header::TE], "trailers");
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
 }

@@ -6,4 +6,5 @@
 pub mod eventually;
 pub mod http_upstream;
 pub mod prom;
+pub mod rigd;
 pub mod tcp_upstream;

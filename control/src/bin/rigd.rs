@@ -1,1 +1,57 @@
-fn main() {}
+//! rigd: the rig control plane daemon. Everything happens in `rig_control::daemon`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rig_control::daemon::{self, DaemonConfig};
+
+/// rigd serves the rig.v1 gRPC API, /metrics, /healthz and /events on one address.
+#[derive(Debug, Parser)]
+#[command(name = "rigd", version, about)]
+struct Args {
+    /// Address to listen on (gRPC and HTTP). A non-loopback address requires a token.
+    #[arg(long, env = "RIG_ADDR", default_value = daemon::DEFAULT_ADDR)]
+    listen: String,
+    /// Require `authorization: Bearer TOKEN` on every call.
+    #[arg(long, env = "RIG_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where rigd records its child processes (default: $XDG_RUNTIME_DIR/rig or /tmp/rig-$UID).
+    #[arg(long, env = "RIG_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// A directory of extra chaos presets (*.toml).
+    #[arg(long, env = "RIG_PRESETS_DIR")]
+    presets_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let listen = match daemon::parse_addr(&args.listen) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("rigd: --listen: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = DaemonConfig {
+        listen,
+        token: args.token.filter(|t| !t.is_empty()),
+        state_dir: args.state_dir.unwrap_or_else(daemon::default_state_dir),
+        presets_dir: args.presets_dir,
+    };
+    match daemon::run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rigd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

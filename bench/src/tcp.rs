@@ -1,0 +1,101 @@
+//! 1. tcp throughput with iperf3: direct, through a rig tcp edge (splice path, and the copy path
+//! forced by a no-op fault), and through HAProxy in tcp mode.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::Value;
+
+use crate::ext::{Ctx, ProxyServer, haproxy};
+use crate::procs::{self, Cpus, Proc, Spec};
+use crate::report::{Row, gbits};
+
+/// `slow_close = "0s"` changes nothing a client sees but is not passthrough, so the edge relays
+/// with its copy loop instead of splice(2).
+const COPY_PATH_CHAOS: &str = r#"{"slow_close":"0s"}"#;
+
+pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
+    let iperf = procs::which("iperf3").ok_or_else(|| anyhow!("iperf3 is not installed"))?;
+    let port = procs::free_port()?;
+    let server_spec = Spec::new("iperf3-server", &iperf).args([
+        "-s".to_string(),
+        "-B".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "--forceflush".into(),
+    ]);
+    let mut server = Proc::spawn(server_spec, &ctx.work)?;
+    server
+        .line_containing("Server listening", Duration::from_secs(10))
+        .await?;
+    let target = procs::local(port);
+
+    let mut proxy = ProxyServer::start(ctx, "tcp-edges", Cpus::Any).await?;
+    let splice_edge = proxy.edge("tcp", target, "").await?;
+    let copy_edge = proxy.edge("tcp", target, COPY_PATH_CHAOS).await?;
+    let (hap, hap_addr) = haproxy(ctx, "haproxy-tcp", "tcp", target, None, Cpus::Any).await?;
+
+    let secs = ctx.scale(5, 1);
+    let mut rows = Vec::new();
+    for streams in [1u32, 8] {
+        let run = |addr| iperf_client(ctx, addr, streams, secs);
+        let direct = run(target).await?;
+        let rig = run(splice_edge).await?;
+        let copy = run(copy_edge).await?;
+        let hap_bps = run(hap_addr).await?;
+        println!(
+            "tcp {streams} stream(s): direct {}, rig {}, rig copy path {}, haproxy {}",
+            gbits(direct),
+            gbits(rig),
+            gbits(copy),
+            gbits(hap_bps)
+        );
+        let ratio = rig / direct;
+        rows.push(
+            Row::new(format!("tcp throughput, {streams} stream(s), no chaos (iperf3 -t {secs} -P {streams})"))
+                .rig(gbits(rig))
+                .baselines(format!("direct {}, HAProxy {}", gbits(direct), gbits(hap_bps)))
+                .ratio(format!("rig÷direct {ratio:.2} (HAProxy÷direct {:.2})", hap_bps / direct))
+                .target("rig÷direct ≥ 0.9", ratio >= 0.9),
+        );
+        rows.push(
+            Row::new(format!("tcp throughput, {streams} stream(s), copy path (slow_close = \"0s\")"))
+                .rig(gbits(copy))
+                .baselines(format!("direct {}, rig splice {}", gbits(direct), gbits(rig)))
+                .ratio(format!("copy÷direct {:.2}, copy÷splice {:.2}", copy / direct, copy / rig)),
+        );
+    }
+    proxy.stop().await;
+    hap.stop(Duration::from_secs(5)).await;
+    server.stop(Duration::from_secs(5)).await;
+    Ok(rows)
+}
+
+/// Bits per second the iperf3 server received from a client sending to `addr`.
+async fn iperf_client(ctx: &Ctx, addr: SocketAddr, streams: u32, secs: u32) -> Result<f64> {
+    let iperf = procs::which("iperf3").ok_or_else(|| anyhow!("iperf3 is not installed"))?;
+    let spec = Spec::new("iperf3-client", iperf).args([
+        "-c".to_string(),
+        addr.ip().to_string(),
+        "-p".into(),
+        addr.port().to_string(),
+        "-t".into(),
+        secs.to_string(),
+        "-P".into(),
+        streams.to_string(),
+        "-J".into(),
+    ]);
+    let out = Proc::spawn(spec, &ctx.work)?
+        .wait_output(Duration::from_secs(secs as u64 + 30))
+        .await?
+        .join("\n");
+    let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        return Err(anyhow!("iperf3 via {addr}: {e}"));
+    }
+    v.pointer("/end/sum_received/bits_per_second")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| anyhow!("iperf3 via {addr}: no end.sum_received in its output"))
+}

@@ -1,0 +1,976 @@
+//! Environments: bring a spec's services up in dependency order behind one proxy per edge,
+//! watch them, change their chaos, bring them down.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rig_proto::v1 as pb;
+use rig_proxy::policy::{ChaosSpec, PolicyError, Protocol};
+use rig_proxy::{Edge, EdgeConfig, EdgeInfo, EventKind, ProxyEvent};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::Shared;
+use crate::eventlog::{NewEvent, unix_secs};
+use crate::spec::{self, Readiness, Spec, derive_seed, env_prefix};
+use crate::supervisor::{Child, LogLine, ProcessSpec};
+
+/// The running environments, by name.
+#[derive(Debug, Default)]
+pub struct Registry {
+    envs: tokio::sync::Mutex<BTreeMap<String, Arc<Env>>>,
+}
+
+/// One running environment.
+#[derive(Debug)]
+pub struct Env {
+    pub name: String,
+    pub origin: String,
+    pub seed: Option<u64>,
+    pub started_at: SystemTime,
+    state: Mutex<&'static str>,
+    /// Services in start order.
+    services: Vec<Arc<ServiceRt>>,
+    order: Vec<Vec<String>>,
+    edges: BTreeMap<String, EdgeRt>,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug)]
+struct ServiceRt {
+    name: String,
+    command: Vec<String>,
+    cwd: PathBuf,
+    env: BTreeMap<String, String>,
+    stop_grace: Duration,
+    ingresses: Vec<(String, Protocol, SocketAddr, Readiness)>,
+    child: Mutex<Option<Arc<Child>>>,
+    state: Mutex<&'static str>,
+    exit: Mutex<Option<String>>,
+}
+
+#[derive(Debug)]
+struct EdgeRt {
+    name: String,
+    source: String,
+    egress: String,
+    target: String,
+    ingress: String,
+    protocol: Protocol,
+    target_addr: SocketAddr,
+    /// The address the source is told to use: the proxy's, or the target's when not observed.
+    wired_addr: SocketAddr,
+    proxy: Option<Edge>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Forward proxy events into the event log, with a one-line summary each.
+pub fn spawn_event_pump(shared: &Arc<Shared>) {
+    let mut rx = shared.proxy_events.subscribe();
+    let log = shared.log.clone();
+    let stop = shared.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = rx.recv() => r,
+            };
+            match ev {
+                Ok(ev) => {
+                    log.publish(proxy_event(&ev));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    log.publish(NewEvent {
+                        kind: "events.lagged".into(),
+                        message: format!("{n} data-plane events were dropped: the log fell behind"),
+                        data: serde_json::json!({ "missed": n }),
+                        ..Default::default()
+                    });
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
+fn proxy_event(ev: &ProxyEvent) -> NewEvent {
+    let message = match &ev.kind {
+        EventKind::RequestStarted(r) => format!("{} {}", r.method, r.path),
+        EventKind::RequestCompleted(r) | EventKind::RequestFailed(r) => {
+            let mut m = format!(
+                "{} {} {} {:.1}ms",
+                r.method,
+                r.path,
+                r.status.as_deref().unwrap_or("-"),
+                r.latency.map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
+            );
+            if !r.faults.is_empty() {
+                let f: Vec<&str> = r.faults.iter().map(|f| f.as_str()).collect();
+                m.push_str(&format!(" [{}]", f.join(",")));
+            }
+            if let Some(e) = &r.error {
+                m.push_str(&format!(" ({e})"));
+            }
+            m
+        }
+        EventKind::ConnectionOpened(c) => format!("from {}", c.peer),
+        EventKind::ConnectionClosed(c) => {
+            let mut m = format!(
+                "from {} up={}B down={}B",
+                c.peer, c.bytes_upstream, c.bytes_downstream
+            );
+            if !c.faults.is_empty() {
+                let f: Vec<&str> = c.faults.iter().map(|f| f.as_str()).collect();
+                m.push_str(&format!(" [{}]", f.join(",")));
+            }
+            if let Some(e) = &c.error {
+                m.push_str(&format!(" ({e})"));
+            }
+            m
+        }
+        EventKind::ChaosExpired { version } => {
+            format!("chaos ttl expired; cleared (version {version})")
+        }
+    };
+    let kind = match &ev.kind {
+        EventKind::ChaosExpired { .. } => "chaos.changed",
+        k => k.name(),
+    };
+    NewEvent {
+        kind: kind.into(),
+        env: ev.edge.env.clone(),
+        service: ev.edge.source.clone(),
+        edge: ev.edge.edge.clone(),
+        message,
+        data: serde_json::to_value(ev).unwrap_or_default(),
+    }
+}
+
+/// Where an `Up` reports progress.
+pub type Progress = mpsc::Sender<Result<pb::UpProgress, Status>>;
+
+async fn report(progress: &Progress, env: &str, service: &str, state: &str, message: String) {
+    let _ = progress
+        .send(Ok(pb::UpProgress {
+            env: env.into(),
+            service: service.into(),
+            state: state.into(),
+            message,
+            ..Default::default()
+        }))
+        .await;
+}
+
+fn publish(shared: &Shared, kind: &str, env: &str, service: &str, message: String, data: serde_json::Value) {
+    shared.log.publish(NewEvent {
+        kind: kind.into(),
+        env: env.into(),
+        service: service.into(),
+        edge: String::new(),
+        message,
+        data,
+    });
+}
+
+/// Expand `${VAR}` against `env`; unknown variables expand to nothing (the spec check already
+/// flagged rig's own missing ones).
+pub fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        match after.find('}') {
+            Some(j) => {
+                let key = &after[..j];
+                if let Some(v) = env.get(key) {
+                    out.push_str(v);
+                } else if let Ok(v) = std::env::var(key) {
+                    out.push_str(&v);
+                }
+                rest = &after[j + 1..];
+            }
+            None => {
+                out.push_str(&rest[i..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+async fn free_port() -> std::io::Result<TcpListener> {
+    TcpListener::bind("127.0.0.1:0").await
+}
+
+impl Registry {
+    /// Bring a spec up. Progress goes to `progress`; on error everything started is stopped
+    /// again before this returns.
+    pub async fn up(&self, shared: &Arc<Shared>, req: pb::UpRequest, progress: Progress) -> Result<Arc<Env>, Status> {
+        let format = match req.format.as_str() {
+            "toml" | "" => spec::Format::Toml,
+            "json" => spec::Format::Json,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown spec format {other:?}: expected toml or json"
+                )));
+            }
+        };
+        let origin = if req.origin.is_empty() { "spec" } else { req.origin.as_str() };
+        let spec = spec::parse(&req.spec, format, origin)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        spec::check_ports(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let base_dir = if req.base_dir.is_empty() {
+            std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+        } else {
+            PathBuf::from(&req.base_dir)
+        };
+
+        // Claim the name first, so two concurrent `up`s of one name cannot both start.
+        let claim = CancellationToken::new();
+        {
+            let mut envs = self.envs.lock().await;
+            if envs.contains_key(&spec.name) {
+                return Err(Status::already_exists(format!(
+                    "environment {:?} is already running (rigctl down {} first)",
+                    spec.name, spec.name
+                )));
+            }
+            envs.insert(spec.name.clone(), Arc::new(placeholder(&spec, origin, claim.clone())));
+        }
+        let result = self.start(shared, &spec, origin, &base_dir, &progress, claim).await;
+        let mut envs = self.envs.lock().await;
+        match result {
+            Ok(env) => {
+                envs.insert(spec.name.clone(), env.clone());
+                metrics::gauge!("rig_environments").set(envs.len() as f64);
+                Ok(env)
+            }
+            Err(e) => {
+                envs.remove(&spec.name);
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        shared: &Arc<Shared>,
+        spec: &Spec,
+        origin: &str,
+        base_dir: &Path,
+        progress: &Progress,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Env>, Status> {
+        let env_name = spec.name.clone();
+        // 1. Addresses: every ingress gets its port (held until its service starts, so no other
+        //    process takes it meanwhile); every observed edge gets a proxy that keeps its listener.
+        let mut held: HashMap<(String, String), TcpListener> = HashMap::new();
+        let mut addrs: HashMap<(String, String), SocketAddr> = HashMap::new();
+        for svc in spec.services.values() {
+            for ing in svc.ingresses.values() {
+                let addr = match ing.port {
+                    Some(p) => SocketAddr::from(([127, 0, 0, 1], p)),
+                    None => {
+                        let l = free_port()
+                            .await
+                            .map_err(|e| Status::internal(format!("cannot allocate a port: {e}")))?;
+                        let a = l
+                            .local_addr()
+                            .map_err(|e| Status::internal(format!("cannot allocate a port: {e}")))?;
+                        held.insert((svc.name.clone(), ing.name.clone()), l);
+                        a
+                    }
+                };
+                addrs.insert((svc.name.clone(), ing.name.clone()), addr);
+            }
+        }
+        let mut edges = BTreeMap::new();
+        for (svc, eg) in spec.edges() {
+            let edge_name = format!("{}/{}", svc.name, eg.name);
+            let target_addr = addrs[&(eg.service.clone(), eg.ingress.clone())];
+            let info = EdgeInfo {
+                env: env_name.clone(),
+                edge: edge_name.clone(),
+                source: svc.name.clone(),
+                egress: eg.name.clone(),
+                target: eg.service.clone(),
+                ingress: eg.ingress.clone(),
+                protocol: eg.protocol,
+            };
+            let (proxy, wired_addr) = if eg.observe {
+                let listener = free_port()
+                    .await
+                    .map_err(|e| Status::internal(format!("cannot allocate a proxy port: {e}")))?;
+                let edge = Edge::start(
+                    EdgeConfig {
+                        info,
+                        target: target_addr,
+                        chaos: eg.chaos.clone(),
+                    },
+                    listener,
+                    shared.proxy_events.clone(),
+                )
+                .map_err(|e| Status::invalid_argument(format!("edge {edge_name}: {e}")))?;
+                let a = edge.local_addr();
+                (Some(edge), a)
+            } else {
+                (None, target_addr)
+            };
+            edges.insert(
+                edge_name.clone(),
+                EdgeRt {
+                    name: edge_name,
+                    source: svc.name.clone(),
+                    egress: eg.name.clone(),
+                    target: eg.service.clone(),
+                    ingress: eg.ingress.clone(),
+                    protocol: eg.protocol,
+                    target_addr,
+                    wired_addr,
+                    proxy,
+                },
+            );
+        }
+        report(
+            progress,
+            &env_name,
+            "",
+            "proxies-ready",
+            format!("{} edge proxies listening", edges.values().filter(|e| e.proxy.is_some()).count()),
+        )
+        .await;
+
+        // 2. Each service's environment and command.
+        let mut services = Vec::new();
+        for level in &spec.order {
+            for name in level {
+                let svc = &spec.services[name];
+                let mut env: BTreeMap<String, String> = svc.env.clone();
+                let mut wiring_ingresses = serde_json::Map::new();
+                let mut ingresses = Vec::new();
+                for ing in svc.ingresses.values() {
+                    let addr = addrs[&(svc.name.clone(), ing.name.clone())];
+                    let prefix = if ing.name == "default" {
+                        String::new()
+                    } else {
+                        format!("{}_", env_prefix(&ing.name))
+                    };
+                    env.insert(format!("{prefix}HOST"), addr.ip().to_string());
+                    env.insert(format!("{prefix}PORT"), addr.port().to_string());
+                    wiring_ingresses.insert(
+                        ing.name.clone(),
+                        serde_json::json!({"protocol": ing.protocol, "host": addr.ip().to_string(), "port": addr.port()}),
+                    );
+                    ingresses.push((ing.name.clone(), ing.protocol, addr, ing.ready.clone()));
+                }
+                let mut wiring_egresses = serde_json::Map::new();
+                for eg in svc.egresses.values() {
+                    let e = &edges[&format!("{}/{}", svc.name, eg.name)];
+                    let p = env_prefix(&eg.name);
+                    let a = e.wired_addr;
+                    env.insert(format!("{p}_HOST"), a.ip().to_string());
+                    env.insert(format!("{p}_PORT"), a.port().to_string());
+                    env.insert(format!("{p}_ADDR"), a.to_string());
+                    let url = matches!(eg.protocol, Protocol::Http | Protocol::Grpc).then(|| format!("http://{a}"));
+                    if let Some(u) = &url {
+                        env.insert(format!("{p}_URL"), u.clone());
+                    }
+                    wiring_egresses.insert(
+                        eg.name.clone(),
+                        serde_json::json!({
+                            "service": eg.service, "ingress": eg.ingress, "protocol": eg.protocol,
+                            "host": a.ip().to_string(), "port": a.port(), "addr": a.to_string(), "url": url,
+                            "observed": e.proxy.is_some(), "target": e.target_addr.to_string(),
+                        }),
+                    );
+                }
+                env.insert("RIG_SERVICE".into(), svc.name.clone());
+                env.insert("RIG_ENV".into(), env_name.clone());
+                env.insert(
+                    "RIG_WIRING".into(),
+                    serde_json::json!({"env": env_name, "service": svc.name, "ingresses": wiring_ingresses, "egresses": wiring_egresses})
+                        .to_string(),
+                );
+                let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.clone(), expand(v, &env))).collect();
+                let command = svc.command.iter().map(|a| expand(a, &env)).collect();
+                let cwd = match &svc.cwd {
+                    Some(c) if c.is_absolute() => c.clone(),
+                    Some(c) => base_dir.join(c),
+                    None => base_dir.to_path_buf(),
+                };
+                services.push(Arc::new(ServiceRt {
+                    name: svc.name.clone(),
+                    command,
+                    cwd,
+                    env,
+                    stop_grace: svc.stop_grace,
+                    ingresses,
+                    child: Mutex::new(None),
+                    state: Mutex::new("pending"),
+                    exit: Mutex::new(None),
+                }));
+            }
+        }
+
+        let env = Arc::new(Env {
+            name: env_name.clone(),
+            origin: origin.into(),
+            seed: spec.seed,
+            started_at: SystemTime::now(),
+            state: Mutex::new("starting"),
+            services,
+            order: spec.order.clone(),
+            edges,
+            cancel,
+        });
+
+        // 3. Logs of every service become `service.log` events.
+        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<LogLine>();
+        {
+            let log = shared.log.clone();
+            let env_name = env_name.clone();
+            tokio::spawn(async move {
+                while let Some(line) = log_rx.recv().await {
+                    let stream = format!("{:?}", line.stream).to_ascii_lowercase();
+                    log.publish(NewEvent {
+                        kind: "service.log".into(),
+                        env: env_name.clone(),
+                        service: line.service.clone(),
+                        edge: String::new(),
+                        message: line.line.clone(),
+                        data: serde_json::json!({"stream": stream, "line": line.line}),
+                    });
+                }
+            });
+        }
+
+        // 4. Start level by level; the services of one level in parallel.
+        for level in &spec.order {
+            let mut starts = Vec::new();
+            for name in level {
+                let svc = env.services.iter().find(|s| &s.name == name).cloned();
+                let Some(svc) = svc else { continue };
+                for (ing, ..) in &svc.ingresses {
+                    // Release the held port just before the service binds it.
+                    held.remove(&(svc.name.clone(), ing.clone()));
+                }
+                let shared = shared.clone();
+                let env_name = env_name.clone();
+                let progress = progress.clone();
+                let log_tx = log_tx.clone();
+                let state_dir = shared.state_dir.join("children");
+                starts.push(tokio::spawn(async move {
+                    start_service(&shared, &env_name, &svc, &progress, log_tx, &state_dir).await
+                }));
+            }
+            let mut failure = None;
+            for s in starts {
+                match s.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => failure = failure.or(Some(e)),
+                    Err(e) => failure = failure.or(Some(Status::internal(format!("start task failed: {e}")))),
+                }
+            }
+            if let Some(e) = failure {
+                *lock(&env.state) = "stopping";
+                stop_env(shared, &env).await;
+                publish(shared, "environment.down", &env_name, "", format!("{env_name} failed to start"), serde_json::json!({"reason": e.message()}));
+                return Err(e);
+            }
+        }
+        *lock(&env.state) = "up";
+
+        // 5. Watch every service for an unexpected exit.
+        for svc in &env.services {
+            let Some(child) = lock(&svc.child).clone() else { continue };
+            let svc = svc.clone();
+            let env2 = env.clone();
+            let shared2 = shared.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = env2.cancel.cancelled() => {}
+                    exit = child.wait_exit() => {
+                        if env2.cancel.is_cancelled() { return; }
+                        let why = exit.to_string();
+                        *lock(&svc.state) = "exited";
+                        *lock(&svc.exit) = Some(why.clone());
+                        *lock(&env2.state) = "degraded";
+                        metrics::gauge!("rig_service_up", "env" => env2.name.clone(), "service" => svc.name.clone()).set(0.0);
+                        metrics::gauge!("rig_service_ready", "env" => env2.name.clone(), "service" => svc.name.clone()).set(0.0);
+                        metrics::counter!("rig_service_restarts_total", "env" => env2.name.clone(), "service" => svc.name.clone()).increment(0);
+                        let last: Vec<String> = child.recent_logs().iter().rev().take(10).rev().map(|l| l.line.clone()).collect();
+                        publish(&shared2, "service.failed", &env2.name, &svc.name, format!("{} {why}", svc.name), serde_json::json!({"exit": why, "last_logs": last}));
+                    }
+                }
+            });
+        }
+
+        let n = env.services.len();
+        publish(shared, "environment.up", &env_name, "", format!("{env_name} is up: {n} services, {} edges", env.edges.len()), serde_json::json!({"origin": origin}));
+        let _ = progress
+            .send(Ok(pb::UpProgress {
+                env: env_name.clone(),
+                state: "up".into(),
+                message: format!("{env_name} is up"),
+                environment: Some(env.status()),
+                ..Default::default()
+            }))
+            .await;
+        Ok(env)
+    }
+
+    /// Bring an environment down; `name` empty means the only one.
+    pub async fn down(&self, shared: &Arc<Shared>, name: &str) -> Result<(String, Vec<String>), Status> {
+        let env = {
+            let mut envs = self.envs.lock().await;
+            let name = resolve_name(&envs, name)?;
+            if *lock(&envs[&name].state) == "starting" && !envs[&name].services.iter().any(|_| true) {
+                return Err(Status::failed_precondition(format!("environment {name:?} is still starting")));
+            }
+            let env = envs.remove(&name).expect("resolved name exists");
+            metrics::gauge!("rig_environments").set(envs.len() as f64);
+            env
+        };
+        *lock(&env.state) = "stopping";
+        let stopped = stop_env(shared, &env).await;
+        publish(shared, "environment.down", &env.name, "", format!("{} is down", env.name), serde_json::json!({"stopped": stopped}));
+        Ok((env.name.clone(), stopped))
+    }
+
+    /// Bring every environment down (rigd shutting down).
+    pub async fn down_all(&self, shared: &Arc<Shared>) {
+        let names: Vec<String> = self.envs.lock().await.keys().cloned().collect();
+        for n in names {
+            let _ = self.down(shared, &n).await;
+        }
+    }
+
+    pub async fn list(&self) -> Vec<Arc<Env>> {
+        self.envs.lock().await.values().cloned().collect()
+    }
+
+    /// One environment; `name` empty means the only one.
+    pub async fn get(&self, name: &str) -> Result<Arc<Env>, Status> {
+        let envs = self.envs.lock().await;
+        let name = resolve_name(&envs, name)?;
+        Ok(envs[&name].clone())
+    }
+}
+
+fn resolve_name(envs: &BTreeMap<String, Arc<Env>>, name: &str) -> Result<String, Status> {
+    if !name.is_empty() {
+        if envs.contains_key(name) {
+            return Ok(name.to_string());
+        }
+        let known: Vec<&str> = envs.keys().map(String::as_str).collect();
+        return Err(Status::not_found(format!(
+            "no environment named {name:?} (running: {})",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        )));
+    }
+    match envs.len() {
+        0 => Err(Status::not_found("no environment is running (start one with `rigctl up FILE`)")),
+        1 => Ok(envs.keys().next().cloned().unwrap_or_default()),
+        _ => Err(Status::invalid_argument(format!(
+            "several environments are running ({}): name one with --env",
+            envs.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+fn placeholder(spec: &Spec, origin: &str, cancel: CancellationToken) -> Env {
+    Env {
+        name: spec.name.clone(),
+        origin: origin.into(),
+        seed: spec.seed,
+        started_at: SystemTime::now(),
+        state: Mutex::new("starting"),
+        services: Vec::new(),
+        order: Vec::new(),
+        edges: BTreeMap::new(),
+        cancel,
+    }
+}
+
+async fn start_service(
+    shared: &Arc<Shared>,
+    env_name: &str,
+    svc: &Arc<ServiceRt>,
+    progress: &Progress,
+    logs: mpsc::UnboundedSender<LogLine>,
+    state_dir: &Path,
+) -> Result<(), Status> {
+    let started = Instant::now();
+    *lock(&svc.state) = "starting";
+    report(progress, env_name, &svc.name, "starting", svc.command.join(" ")).await;
+    publish(shared, "service.starting", env_name, &svc.name, svc.command.join(" "), serde_json::json!({"command": svc.command}));
+    let pspec = ProcessSpec {
+        name: svc.name.clone(),
+        argv: svc.command.clone(),
+        cwd: Some(svc.cwd.clone()),
+        env: svc.env.clone(),
+        stop_grace: svc.stop_grace,
+    };
+    let child = match Child::spawn_recorded(pspec, logs, Some(state_dir)) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            let msg = format!("service {} failed to start: {e}", svc.name);
+            return Err(fail(shared, env_name, svc, progress, msg, Vec::new()).await);
+        }
+    };
+    *lock(&svc.child) = Some(child.clone());
+    metrics::gauge!("rig_service_up", "env" => env_name.to_string(), "service" => svc.name.clone()).set(1.0);
+
+    for (ing, protocol, addr, ready) in &svc.ingresses {
+        let probe = wait_ready(*protocol, *addr, ready);
+        tokio::select! {
+            r = probe => {
+                if let Err(why) = r {
+                    let logs = child.recent_logs().iter().map(|l| l.line.clone()).collect::<Vec<_>>();
+                    let msg = format!("service {} is not ready on ingress {ing} ({protocol} {addr}): {why}", svc.name);
+                    return Err(fail(shared, env_name, svc, progress, msg, logs).await);
+                }
+            }
+            exit = child.wait_exit() => {
+                let logs = child.recent_logs().iter().map(|l| l.line.clone()).collect::<Vec<_>>();
+                let msg = format!("service {} {exit} before it was ready", svc.name);
+                return Err(fail(shared, env_name, svc, progress, msg, logs).await);
+            }
+        }
+    }
+    *lock(&svc.state) = "ready";
+    metrics::gauge!("rig_service_ready", "env" => env_name.to_string(), "service" => svc.name.clone()).set(1.0);
+    let addrs: Vec<String> = svc.ingresses.iter().map(|(_, _, a, _)| a.to_string()).collect();
+    let msg = format!(
+        "{} ready ({}) {:.2}s",
+        svc.name,
+        if addrs.is_empty() { "no ingress".to_string() } else { addrs.join(", ") },
+        started.elapsed().as_secs_f64()
+    );
+    publish(shared, "service.ready", env_name, &svc.name, msg.clone(), serde_json::json!({"pid": child.pid(), "addresses": addrs}));
+    report(progress, env_name, &svc.name, "ready", msg).await;
+    Ok(())
+}
+
+async fn fail(
+    shared: &Arc<Shared>,
+    env_name: &str,
+    svc: &ServiceRt,
+    progress: &Progress,
+    msg: String,
+    logs: Vec<String>,
+) -> Status {
+    *lock(&svc.state) = "failed";
+    *lock(&svc.exit) = Some(msg.clone());
+    let tail: Vec<String> = logs.iter().rev().take(20).rev().cloned().collect();
+    publish(shared, "service.failed", env_name, &svc.name, msg.clone(), serde_json::json!({"reason": msg, "last_logs": tail}));
+    let _ = progress
+        .send(Ok(pb::UpProgress {
+            env: env_name.into(),
+            service: svc.name.clone(),
+            state: "failed".into(),
+            message: msg.clone(),
+            last_logs: tail.clone(),
+            environment: None,
+        }))
+        .await;
+    let mut full = msg;
+    if !tail.is_empty() {
+        full.push_str("\nlast log lines:\n");
+        for l in &tail {
+            full.push_str("  ");
+            full.push_str(l);
+            full.push('\n');
+        }
+    }
+    Status::failed_precondition(full)
+}
+
+/// Stop services in reverse start order, then close the proxies. Returns the stopped names.
+async fn stop_env(shared: &Arc<Shared>, env: &Arc<Env>) -> Vec<String> {
+    env.cancel.cancel();
+    let mut stopped = Vec::new();
+    let levels: Vec<&Vec<String>> = if env.order.is_empty() { Vec::new() } else { env.order.iter().rev().collect() };
+    for level in levels {
+        let mut stops = Vec::new();
+        for name in level {
+            let Some(svc) = env.services.iter().find(|s| &s.name == name).cloned() else { continue };
+            let Some(child) = lock(&svc.child).take() else { continue };
+            let shared = shared.clone();
+            let env_name = env.name.clone();
+            stops.push(tokio::spawn(async move {
+                let exit = child.stop().await;
+                *lock(&svc.state) = "stopped";
+                metrics::gauge!("rig_service_up", "env" => env_name.clone(), "service" => svc.name.clone()).set(0.0);
+                metrics::gauge!("rig_service_ready", "env" => env_name.clone(), "service" => svc.name.clone()).set(0.0);
+                publish(&shared, "service.stopped", &env_name, &svc.name, format!("{} {exit}", svc.name), serde_json::json!({"exit": exit.to_string(), "grace_seconds": svc.stop_grace.as_secs_f64()}));
+                svc.name.clone()
+            }));
+        }
+        for s in stops {
+            if let Ok(name) = s.await {
+                stopped.push(name);
+            }
+        }
+    }
+    for e in env.edges.values() {
+        if let Some(p) = &e.proxy {
+            p.clear_chaos();
+        }
+    }
+    stopped
+}
+
+/// Poll an ingress until it is ready: fast at first, then backing off, until the timeout.
+async fn wait_ready(protocol: Protocol, addr: SocketAddr, ready: &Readiness) -> Result<(), String> {
+    let Some(timeout) = ready.timeout() else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + timeout;
+    let mut wait = Duration::from_millis(5);
+    let mut last;
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(2).min(timeout), probe(protocol, addr, ready)).await;
+        match r {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "probe timed out".into(),
+        }
+        if Instant::now() + wait > deadline {
+            return Err(format!("not ready after {}: {last}", humantime::format_duration(timeout)));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(500));
+    }
+}
+
+async fn probe(_protocol: Protocol, addr: SocketAddr, ready: &Readiness) -> Result<(), String> {
+    match ready {
+        Readiness::Disabled => Ok(()),
+        Readiness::Tcp { .. } => tokio::net::TcpStream::connect(addr)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("tcp connect: {e}")),
+        Readiness::Http { path, .. } => {
+            use http_body_util::Empty;
+            use hyper_util::client::legacy::Client;
+            use hyper_util::rt::TokioExecutor;
+            let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+            let uri: http::Uri = format!("http://{addr}{path}")
+                .parse()
+                .map_err(|e| format!("bad readiness path: {e}"))?;
+            let resp = client.get(uri).await.map_err(|e| format!("GET {path}: {e}"))?;
+            if resp.status().as_u16() < 500 {
+                Ok(())
+            } else {
+                Err(format!("GET {path} answered {}", resp.status()))
+            }
+        }
+        Readiness::Grpc { service, .. } => {
+            use tonic_health::pb::health_check_response::ServingStatus;
+            use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                .map_err(|e| format!("grpc connect: {e}"))?;
+            let resp = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: service.clone(),
+                })
+                .await
+                .map_err(|e| format!("grpc health check: {} {}", e.code(), e.message()))?;
+            if resp.get_ref().status == ServingStatus::Serving as i32 {
+                Ok(())
+            } else {
+                Err(format!("grpc health: {:?}", resp.get_ref().status))
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chaos on edges.
+// ---------------------------------------------------------------------------------------------
+
+/// Which edges a selector names.
+fn select<'a>(env: &'a Env, selector: &pb::EdgeSelector) -> Result<Vec<&'a EdgeRt>, Status> {
+    let patterns: Vec<&str> = if selector.edges.is_empty() {
+        vec!["*"]
+    } else {
+        selector.edges.iter().map(String::as_str).collect()
+    };
+    let mut out: Vec<&EdgeRt> = Vec::new();
+    for pat in &patterns {
+        let matched: Vec<&EdgeRt> = env
+            .edges
+            .values()
+            .filter(|e| match *pat {
+                "*" => true,
+                p if p.ends_with("/*") => e.source == p[..p.len() - 2],
+                p => e.name == p,
+            })
+            .filter(|e| selector.to.is_empty() || e.target == selector.to)
+            .collect();
+        if matched.is_empty() {
+            let known: Vec<&str> = env.edges.keys().map(String::as_str).collect();
+            return Err(Status::not_found(format!(
+                "no edge matches {pat:?}{} in environment {:?} (edges: {})",
+                if selector.to.is_empty() { String::new() } else { format!(" --to {}", selector.to) },
+                env.name,
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            )));
+        }
+        for m in matched {
+            if !out.iter().any(|o| o.name == m.name) {
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn edge_chaos(env: &Env, e: &EdgeRt) -> pb::EdgeChaos {
+    let (version, spec) = e.proxy.as_ref().map(|p| p.chaos()).unwrap_or_default();
+    pb::EdgeChaos {
+        env: env.name.clone(),
+        edge: e.name.clone(),
+        protocol: e.protocol.to_string(),
+        version,
+        chaos: Some(crate::convert::chaos_to_pb(&spec)),
+    }
+}
+
+impl Env {
+    /// Replace the chaos of the selected edges with `per_protocol(protocol)`. Everything is
+    /// validated before anything changes.
+    pub fn set_chaos(
+        &self,
+        shared: &Shared,
+        selector: &pb::EdgeSelector,
+        cause: &str,
+        per_protocol: impl Fn(Protocol) -> ChaosSpec,
+    ) -> Result<Vec<pb::EdgeChaos>, Status> {
+        let edges = select(self, selector)?;
+        let mut plan = Vec::new();
+        for e in &edges {
+            let Some(proxy) = &e.proxy else {
+                return Err(Status::failed_precondition(format!(
+                    "edge {} is not observed (observe = false): there is no proxy to inject chaos into",
+                    e.name
+                )));
+            };
+            let mut spec = per_protocol(e.protocol);
+            if spec.seed.is_none() && !spec.is_empty() {
+                if let Some(seed) = self.seed {
+                    spec.seed = Some(derive_seed(seed, &e.source, &e.egress));
+                }
+            }
+            spec.validate(e.protocol).map_err(|err: PolicyError| {
+                Status::invalid_argument(format!("edge {} ({}): {err}", e.name, e.protocol))
+            })?;
+            plan.push((*e, proxy, spec));
+        }
+        let mut out = Vec::new();
+        for (e, proxy, spec) in plan {
+            let (old_version, old) = proxy.chaos();
+            let version = proxy
+                .set_chaos(spec.clone())
+                .map_err(|err| Status::invalid_argument(format!("edge {}: {err}", e.name)))?;
+            metrics::counter!("rig_chaos_changes_total", "env" => self.name.clone(), "edge" => e.name.clone()).increment(1);
+            shared.log.publish(NewEvent {
+                kind: "chaos.changed".into(),
+                env: self.name.clone(),
+                service: e.source.clone(),
+                edge: e.name.clone(),
+                message: format!(
+                    "{} v{old_version} → v{version}: {} ({cause})",
+                    e.name,
+                    crate::convert::chaos_summary(&spec)
+                ),
+                data: serde_json::json!({"old": old, "old_version": old_version, "new": spec, "version": version, "cause": cause}),
+            });
+            out.push(edge_chaos(self, e));
+        }
+        Ok(out)
+    }
+
+    pub fn get_chaos(&self, selector: &pb::EdgeSelector) -> Result<Vec<pb::EdgeChaos>, Status> {
+        Ok(select(self, selector)?.into_iter().map(|e| edge_chaos(self, e)).collect())
+    }
+
+    /// The environment as `Status` reports it.
+    pub fn status(&self) -> pb::EnvironmentStatus {
+        pb::EnvironmentStatus {
+            name: self.name.clone(),
+            state: (*lock(&self.state)).to_string(),
+            origin: self.origin.clone(),
+            started_at: unix_secs(self.started_at),
+            services: self
+                .services
+                .iter()
+                .map(|s| pb::ServiceStatus {
+                    name: s.name.clone(),
+                    state: (*lock(&s.state)).to_string(),
+                    pid: lock(&s.child).as_ref().map(|c| c.pid()).unwrap_or(0),
+                    ingresses: s
+                        .ingresses
+                        .iter()
+                        .map(|(n, p, a, _)| pb::IngressStatus {
+                            name: n.clone(),
+                            protocol: p.to_string(),
+                            address: a.to_string(),
+                        })
+                        .collect(),
+                    exit: lock(&s.exit).clone().unwrap_or_default(),
+                    command: s.command.clone(),
+                })
+                .collect(),
+            edges: self
+                .edges
+                .values()
+                .map(|e| {
+                    let (v, spec) = e.proxy.as_ref().map(|p| p.chaos()).unwrap_or_default();
+                    pb::EdgeStatus {
+                        edge: e.name.clone(),
+                        source: e.source.clone(),
+                        egress: e.egress.clone(),
+                        target: e.target.clone(),
+                        ingress: e.ingress.clone(),
+                        protocol: e.protocol.to_string(),
+                        proxy_address: e.wired_addr.to_string(),
+                        target_address: e.target_addr.to_string(),
+                        observed: e.proxy.is_some(),
+                        chaos_version: v,
+                        chaos: Some(crate::convert::chaos_to_pb(&spec)),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_known_variables() {
+        let mut env = BTreeMap::new();
+        env.insert("STORE_ADDR".to_string(), "127.0.0.1:9".to_string());
+        assert_eq!(expand("--store=${STORE_ADDR}/x", &env), "--store=127.0.0.1:9/x");
+        assert_eq!(expand("${NOPE_NOT_SET_ANYWHERE}", &env), "");
+        assert_eq!(expand("open ${", &env), "open ${");
+    }
+
+}

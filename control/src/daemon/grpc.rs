@@ -1,0 +1,205 @@
+//! The `rig.v1` gRPC services. Each RPC converts its request into domain types first, then acts;
+//! `tonic::Status` appears only here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use rig_proto::v1 as pb;
+use rig_proto::v1::chaos_server::Chaos;
+use rig_proto::v1::environments_server::Environments;
+use rig_proto::v1::events_server::Events;
+use rig_proxy::policy::ChaosSpec;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::Shared;
+use crate::eventlog::Filter;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The three services share one state.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Environments for Api {
+    type UpStream = BoxStream<pb::UpProgress>;
+
+    async fn up(&self, req: Request<pb::UpRequest>) -> Result<Response<Self::UpStream>, Status> {
+        let req = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let shared = self.shared.clone();
+        // The environment is brought up in its own task: a client that goes away mid-way does
+        // not leave it half-started.
+        tokio::spawn(async move {
+            let progress = tx.clone();
+            if let Err(e) = shared.envs.up(&shared, req, progress).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn down(&self, req: Request<pb::DownRequest>) -> Result<Response<pb::DownResponse>, Status> {
+        let (env, stopped) = self.shared.envs.down(&self.shared, &req.get_ref().env).await?;
+        Ok(Response::new(pb::DownResponse { env, stopped }))
+    }
+
+    async fn list(&self, _req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let environments = self.shared.envs.list().await.iter().map(|e| e.status()).collect();
+        Ok(Response::new(pb::ListResponse { environments }))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::EnvironmentStatus>, Status> {
+        let env = self.shared.envs.get(&req.get_ref().env).await?;
+        Ok(Response::new(env.status()))
+    }
+}
+
+fn selector(s: Option<pb::EdgeSelector>) -> pb::EdgeSelector {
+    s.unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl Chaos for Api {
+    async fn set(&self, req: Request<pb::SetChaosRequest>) -> Result<Response<pb::ChaosResponse>, Status> {
+        let req = req.into_inner();
+        let sel = selector(req.selector);
+        let spec = crate::convert::chaos_from_pb(req.chaos.unwrap_or_default())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if spec.is_empty() {
+            return Err(Status::invalid_argument(
+                "chaos: nothing to set (no field given); use Clear to remove chaos",
+            ));
+        }
+        let env = self.shared.envs.get(&sel.env).await?;
+        let edges = env.set_chaos(&self.shared, &sel, "set", |_| spec.clone())?;
+        Ok(Response::new(pb::ChaosResponse { edges }))
+    }
+
+    async fn get(&self, req: Request<pb::GetChaosRequest>) -> Result<Response<pb::ChaosResponse>, Status> {
+        let sel = selector(req.into_inner().selector);
+        let env = self.shared.envs.get(&sel.env).await?;
+        Ok(Response::new(pb::ChaosResponse {
+            edges: env.get_chaos(&sel)?,
+        }))
+    }
+
+    async fn clear(&self, req: Request<pb::ClearChaosRequest>) -> Result<Response<pb::ChaosResponse>, Status> {
+        let sel = selector(req.into_inner().selector);
+        let env = self.shared.envs.get(&sel.env).await?;
+        let edges = env.set_chaos(&self.shared, &sel, "clear", |_| ChaosSpec::default())?;
+        Ok(Response::new(pb::ChaosResponse { edges }))
+    }
+
+    async fn list_presets(
+        &self,
+        _req: Request<pb::ListPresetsRequest>,
+    ) -> Result<Response<pb::ListPresetsResponse>, Status> {
+        let presets = self
+            .shared
+            .presets
+            .iter()
+            .map(|p| pb::Preset {
+                name: p.name.clone(),
+                description: p.description.clone(),
+                chaos: Some(crate::convert::chaos_to_pb(&p.chaos)),
+                http: Some(crate::convert::chaos_to_pb(&p.http)),
+                grpc: Some(crate::convert::chaos_to_pb(&p.grpc)),
+                tcp: Some(crate::convert::chaos_to_pb(&p.tcp)),
+            })
+            .collect();
+        Ok(Response::new(pb::ListPresetsResponse { presets }))
+    }
+
+    async fn apply_preset(
+        &self,
+        req: Request<pb::ApplyPresetRequest>,
+    ) -> Result<Response<pb::ChaosResponse>, Status> {
+        let req = req.into_inner();
+        let sel = selector(req.selector);
+        let preset = self
+            .shared
+            .presets
+            .iter()
+            .find(|p| p.name == req.preset)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.shared.presets.iter().map(|p| p.name.as_str()).collect();
+                Status::not_found(format!("no preset named {:?} (presets: {})", req.preset, names.join(", ")))
+            })?
+            .clone();
+        let env = self.shared.envs.get(&sel.env).await?;
+        let cause = format!("preset {}", preset.name);
+        let edges = env.set_chaos(&self.shared, &sel, &cause, |p| preset.for_protocol(p))?;
+        Ok(Response::new(pb::ChaosResponse { edges }))
+    }
+}
+
+#[tonic::async_trait]
+impl Events for Api {
+    type WatchStream = BoxStream<pb::Event>;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = req.into_inner();
+        let filter = Filter {
+            types: req.types,
+            env: req.env,
+            service: req.service,
+            edge: req.edge,
+        };
+        let after = if req.only_new { self.shared.log.last_seq() } else { req.after_seq };
+        let (replay, mut live) = self.shared.log.replay_and_follow(after);
+        let (tx, rx) = mpsc::channel(1024);
+        let follow = req.follow;
+        let stop = self.shared.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last = after;
+            for e in replay {
+                last = e.seq;
+                if filter.matches(&e) && tx.send(Ok(e.to_pb())).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tx.closed() => return,
+                    r = live.recv() => r,
+                };
+                match next {
+                    Ok(e) => {
+                        if e.seq <= last {
+                            continue;
+                        }
+                        last = e.seq;
+                        if filter.matches(&e) && tx.send(Ok(e.to_pb())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let note = pb::Event {
+                            seq: 0,
+                            r#type: "events.lagged".into(),
+                            time: crate::eventlog::unix_secs(std::time::SystemTime::now()),
+                            message: format!("this follower missed {n} events (resume with --since {last})"),
+                            data_json: serde_json::json!({"missed": n, "resume_after": last}).to_string(),
+                            ..Default::default()
+                        };
+                        if tx.send(Ok(note)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,265 @@
+//! rigd: the control plane daemon.
+//!
+//! [`start`] binds one loopback address and serves on it both the `rig.v1` gRPC API (plus
+//! `grpc.health.v1` and server reflection) and plain HTTP: `/metrics` (Prometheus text),
+//! `/healthz` and `/events` (Server-Sent Events). Environments live in [`envs`]; the gRPC
+//! services in [`grpc`]; the HTTP endpoints and the token check in [`http`].
+
+pub mod envs;
+pub mod grpc;
+pub mod http;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use rig_proxy::EventSender;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::eventlog::EventLog;
+use crate::presets::{self, Preset};
+
+/// The default address rigd listens on and rigctl calls.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:7447";
+
+/// How rigd is configured (flags and environment variables of the `rigd` binary).
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Where to serve gRPC and HTTP. Non-loopback addresses need a token.
+    pub listen: SocketAddr,
+    /// When set, every call must carry `authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// Where rigd keeps its records of child processes (for the orphan sweep) and its log.
+    pub state_dir: PathBuf,
+    /// Extra presets (`*.toml`) beside the built-in ones; a file named like a built-in wins.
+    pub presets_dir: Option<PathBuf>,
+}
+
+impl DaemonConfig {
+    /// `RIG_ADDR` or 127.0.0.1:7447, `RIG_TOKEN`, and the default state directory.
+    pub fn local_default() -> DaemonConfig {
+        let listen = std::env::var("RIG_ADDR")
+            .ok()
+            .and_then(|a| parse_addr(&a).ok())
+            .unwrap_or_else(|| DEFAULT_ADDR.parse().expect("valid default address"));
+        DaemonConfig {
+            listen,
+            token: std::env::var("RIG_TOKEN").ok().filter(|t| !t.is_empty()),
+            state_dir: default_state_dir(),
+            presets_dir: None,
+        }
+    }
+}
+
+/// `host:port` or `http://host:port`.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    let t = t
+        .strip_prefix("http://")
+        .unwrap_or(t)
+        .trim_end_matches('/');
+    let t = t.replace("localhost:", "127.0.0.1:");
+    t.parse()
+        .map_err(|e| format!("invalid address {s:?}: {e} (expected host:port, e.g. 127.0.0.1:7447)"))
+}
+
+/// `$XDG_RUNTIME_DIR/rig`, or `/tmp/rig-$UID`.
+pub fn default_state_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("rig"),
+        _ => std::env::temp_dir().join(format!("rig-{}", nix::unistd::getuid())),
+    }
+}
+
+/// Why rigd could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "refusing to listen on {0}: it is not a loopback address; set RIG_TOKEN (or --token) so callers must authenticate"
+    )]
+    InsecureListen(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("presets: {0}")]
+    Presets(String),
+}
+
+/// State shared by the gRPC services, the HTTP endpoints and the environments.
+#[derive(Debug)]
+pub struct Shared {
+    pub envs: envs::Registry,
+    pub log: Arc<EventLog>,
+    pub proxy_events: EventSender,
+    pub presets: Vec<Preset>,
+    pub prometheus: PrometheusHandle,
+    pub token: Option<String>,
+    pub state_dir: PathBuf,
+    pub shutdown: CancellationToken,
+}
+
+/// A running rigd.
+#[derive(Debug)]
+pub struct DaemonHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl DaemonHandle {
+    /// The address rigd serves on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// State, for in-process use and tests.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Bring every environment down, then stop serving.
+    pub async fn shutdown(self) {
+        self.shared.envs.down_all(&self.shared).await;
+        self.shared.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+    }
+}
+
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0,
+                    ],
+                )
+                .expect("non-empty bucket list");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed already (embedding programs, tests); rigd then
+            // still renders its own view.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            rig_proxy::metrics::describe();
+            describe_control_metrics();
+            handle
+        })
+        .clone()
+}
+
+fn describe_control_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!("rig_environments", "Environments running in this rigd");
+    describe_gauge!("rig_service_up", "1 while a service's process runs, else 0");
+    describe_gauge!("rig_service_ready", "1 once a service passed its readiness check");
+    describe_counter!("rig_chaos_changes_total", "Chaos policy changes applied to edges");
+    describe_counter!("rig_events_total", "Events logged by rigd");
+    describe_counter!("rig_service_restarts_total", "Unexpected service exits");
+}
+
+/// Start rigd: check the configuration, sweep orphans of a previous rigd, bind, and serve.
+pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
+    if !cfg.listen.ip().is_loopback() && cfg.token.is_none() {
+        return Err(DaemonError::InsecureListen(cfg.listen));
+    }
+    let children_dir = cfg.state_dir.join("children");
+    let swept = crate::supervisor::init(&children_dir).map_err(|source| DaemonError::StateDir {
+        path: children_dir.clone(),
+        source,
+    })?;
+    if swept > 0 {
+        tracing::warn!(swept, "killed process groups left by a previous rigd");
+    }
+
+    let mut all_presets = presets::builtin();
+    if let Some(dir) = &cfg.presets_dir {
+        let extra = presets::load_dir(dir).map_err(|e| DaemonError::Presets(e.to_string()))?;
+        for p in extra {
+            all_presets.retain(|b| b.name != p.name);
+            all_presets.push(p);
+        }
+        all_presets.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| DaemonError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+
+    let shared = Arc::new(Shared {
+        envs: envs::Registry::default(),
+        log: Arc::new(EventLog::new(100_000, 65_536)),
+        proxy_events: EventSender::new(65_536),
+        presets: all_presets,
+        prometheus: prometheus(),
+        token: cfg.token.clone(),
+        state_dir: cfg.state_dir.clone(),
+        shutdown: CancellationToken::new(),
+    });
+    envs::spawn_event_pump(&shared);
+
+    let app = http::router(shared.clone());
+    let shutdown = shared.shutdown.clone();
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "rigd server stopped");
+        }
+    });
+    tracing::info!(%addr, token = cfg.token.is_some(), "rigd listening");
+    Ok(DaemonHandle {
+        addr,
+        shared,
+        server,
+    })
+}
+
+/// The `rigd` binary's body: start, wait for SIGINT or SIGTERM, bring everything down.
+pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
+    let handle = start(cfg).await?;
+    // The line scripts and rigctl's autostart wait for.
+    println!("rigd listening on {}", handle.local_addr());
+    wait_for_signal().await;
+    tracing::info!("shutting down: bringing environments down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,491 @@
+//! Bodies on their way through the edge: counted, throttled, and observed to their end.
+//!
+//! [`Obs`] follows one request from arrival to the end of its response and reports it once
+//! (event and metrics), whichever way it ends: the response body finished, broke, or was
+//! dropped because the client went away.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::edge::{Active, EdgeCtx, Limiter, Limiters};
+use crate::events::{EventKind, FaultKind, RequestInfo};
+use crate::metrics::EdgeMetrics;
+use crate::policy::{GrpcCode, grpc_path_parts};
+
+use super::grpc;
+
+/// Which way a body flows: `Up` is the request (client → target), `Down` the response.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dir {
+    Up,
+    Down,
+}
+
+/// Where a throttle's token buckets live: the policy snapshot (edge-wide limits) or the
+/// downstream connection (per-connection limits).
+#[derive(Clone)]
+pub(crate) enum LimiterRef {
+    Edge(Arc<Active>),
+    Conn(Arc<Limiters>),
+}
+
+impl LimiterRef {
+    fn get(&self, dir: Dir) -> Option<&Limiter> {
+        let l = match self {
+            LimiterRef::Edge(a) => a.limiters.as_ref()?,
+            LimiterRef::Conn(l) => l,
+        };
+        match dir {
+            Dir::Up => l.upstream.as_ref(),
+            Dir::Down => l.downstream.as_ref(),
+        }
+    }
+}
+
+type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Lets data frames through a byte-rate limiter, cutting frames larger than the burst so a
+/// big frame cannot pass at once.
+pub(crate) struct Throttle {
+    lim: LimiterRef,
+    dir: Dir,
+    burst: usize,
+    /// The permit being waited for, and the chunk it is for.
+    wait: Option<(Wait, Bytes)>,
+    /// The rest of a frame larger than the burst.
+    rest: Option<Bytes>,
+}
+
+impl Throttle {
+    /// `None` when there is no limit that way.
+    pub(crate) fn new(lim: LimiterRef, dir: Dir) -> Option<Throttle> {
+        let burst = lim.get(dir)?.burst().max(1);
+        Some(Throttle {
+            lim,
+            dir,
+            burst,
+            wait: None,
+            rest: None,
+        })
+    }
+
+    fn buffered(&self) -> usize {
+        self.rest.as_ref().map_or(0, Bytes::len) + self.wait.as_ref().map_or(0, |(_, b)| b.len())
+    }
+
+    fn idle(&self) -> bool {
+        self.rest.is_none() && self.wait.is_none()
+    }
+
+    fn poll_frame<B>(
+        &mut self,
+        mut inner: Pin<&mut B>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+    where
+        B: Body<Data = Bytes>,
+    {
+        loop {
+            if let Some((w, _)) = &mut self.wait {
+                ready!(w.as_mut().poll(cx));
+                if let Some((_, chunk)) = self.wait.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+            }
+            let mut chunk = match self.rest.take() {
+                Some(b) => b,
+                None => match ready!(inner.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(d) if !d.is_empty() => d,
+                        Ok(d) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    },
+                    other => return Poll::Ready(other),
+                },
+            };
+            if chunk.len() > self.burst {
+                self.rest = Some(chunk.split_off(self.burst));
+            }
+            let n = chunk.len();
+            let (lim, dir) = (self.lim.clone(), self.dir);
+            let w: Wait = Box::pin(async move {
+                if let Some(l) = lim.get(dir) {
+                    l.acquire(n).await;
+                }
+            });
+            self.wait = Some((w, chunk));
+        }
+    }
+}
+
+/// The request body on its way to the target.
+pub(crate) struct UpBody {
+    inner: Incoming,
+    throttle: Option<Throttle>,
+    metrics: EdgeMetrics,
+    /// For the request's event, when somebody listens.
+    count: Option<Arc<AtomicU64>>,
+}
+
+impl UpBody {
+    pub(crate) fn new(
+        inner: Incoming,
+        throttle: Option<Throttle>,
+        metrics: EdgeMetrics,
+        count: Option<Arc<AtomicU64>>,
+    ) -> Self {
+        UpBody {
+            inner,
+            throttle,
+            metrics,
+            count,
+        }
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = match &mut this.throttle {
+            Some(t) => t.poll_frame(Pin::new(&mut this.inner), cx),
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &r
+            && let Some(d) = frame.data_ref()
+        {
+            let n = d.len() as u64;
+            this.metrics.bytes_upstream(n);
+            if let Some(c) = &this.count {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.throttle.as_ref().is_none_or(Throttle::idle) && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        with_buffered(self.inner.size_hint(), self.throttle.as_ref())
+    }
+}
+
+fn with_buffered(hint: SizeHint, throttle: Option<&Throttle>) -> SizeHint {
+    let Some(t) = throttle else { return hint };
+    let extra = t.buffered() as u64;
+    let mut h = SizeHint::new();
+    h.set_lower(hint.lower() + extra);
+    if let Some(u) = hint.upper() {
+        h.set_upper(u + extra);
+    }
+    h
+}
+
+enum Kind {
+    Upstream {
+        inner: Incoming,
+        throttle: Option<Throttle>,
+    },
+    /// A response rig made up; `None` once sent.
+    Full(Option<Bytes>),
+}
+
+/// The response body on its way to the client.
+pub(crate) struct DownBody {
+    kind: Kind,
+    obs: Obs,
+}
+
+impl DownBody {
+    pub(crate) fn upstream(inner: Incoming, throttle: Option<Throttle>, obs: Obs) -> Self {
+        DownBody {
+            kind: Kind::Upstream { inner, throttle },
+            obs,
+        }
+    }
+
+    pub(crate) fn full(body: Bytes, obs: Obs) -> Self {
+        DownBody {
+            kind: Kind::Full((!body.is_empty()).then_some(body)),
+            obs,
+        }
+    }
+}
+
+impl Drop for DownBody {
+    fn drop(&mut self) {
+        // Servers drop a body that says it is done without polling it (an empty body, or the
+        // last frame of a sized one): that is a complete response, not an abandoned one.
+        if self.is_end_stream() {
+            self.obs.finish();
+        }
+    }
+}
+
+impl Body for DownBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = match &mut this.kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Upstream { inner, throttle } => match throttle {
+                Some(t) => t.poll_frame(Pin::new(inner), cx),
+                None => Pin::new(inner).poll_frame(cx),
+            },
+        };
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.obs.response_bytes(d.len() as u64);
+                } else if let Some(t) = frame.trailers_ref() {
+                    this.obs.trailers(t);
+                }
+                // HTTP/1 stops polling once the body says it is done, so the end is noted here.
+                if this.is_end_stream() {
+                    this.obs.finish();
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.obs.ctx.metrics.upstream_error();
+                this.obs.set_failure(format!("upstream response body: {e}"));
+                this.obs.finish();
+            }
+            Poll::Ready(None) => this.obs.finish(),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream { inner, throttle } => {
+                throttle.as_ref().is_none_or(Throttle::idle) && inner.is_end_stream()
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream { inner, throttle } => with_buffered(inner.size_hint(), throttle.as_ref()),
+        }
+    }
+}
+
+/// The faults that acted on a request, in order, each once; no allocation.
+#[derive(Default)]
+struct Faults {
+    kinds: [Option<FaultKind>; 9],
+    len: usize,
+}
+
+impl Faults {
+    fn push(&mut self, k: FaultKind) {
+        if self.kinds[..self.len].contains(&Some(k)) || self.len == self.kinds.len() {
+            return;
+        }
+        self.kinds[self.len] = Some(k);
+        self.len += 1;
+    }
+
+    fn to_vec(&self) -> Vec<FaultKind> {
+        self.kinds[..self.len].iter().flatten().copied().collect()
+    }
+}
+
+/// One request from arrival to the end of its response; reports it exactly once.
+pub(crate) struct Obs {
+    ctx: Arc<EdgeCtx>,
+    start: Instant,
+    grpc: bool,
+    faults: Faults,
+    /// The status sent to the client; `None` until a response head is on its way.
+    status: Option<StatusCode>,
+    /// gRPC status from the response headers (trailers-only) or trailers.
+    grpc_code: Option<GrpcCode>,
+    response_bytes: u64,
+    /// Event data, only when somebody listens (nothing is built otherwise).
+    info: Option<Box<RequestInfo>>,
+    request_bytes: Option<Arc<AtomicU64>>,
+    /// Set when no proper answer was given (the request is reported as failed).
+    failure: Option<Cow<'static, str>>,
+    done: bool,
+}
+
+impl Obs {
+    /// A request arrived: note the time and tell listeners.
+    pub(crate) fn start(ctx: &Arc<EdgeCtx>, grpc: bool, req: &Request<Incoming>) -> Obs {
+        let start = Instant::now();
+        let (info, request_bytes) = if ctx.events.has_subscribers() {
+            let path = req.uri().path();
+            let (grpc_service, grpc_method) = match grpc.then(|| grpc_path_parts(path)).flatten() {
+                Some((s, m)) => (Some(s.to_owned()), Some(m.to_owned())),
+                None => (None, None),
+            };
+            let info = RequestInfo {
+                request_id: ctx.next_id(),
+                method: req.method().as_str().to_owned(),
+                path: path.to_owned(),
+                grpc_service,
+                grpc_method,
+                ..RequestInfo::default()
+            };
+            ctx.events
+                .send(&ctx.info, EventKind::RequestStarted(info.clone()));
+            (Some(Box::new(info)), Some(Arc::new(AtomicU64::new(0))))
+        } else {
+            (None, None)
+        };
+        Obs {
+            ctx: ctx.clone(),
+            start,
+            grpc,
+            faults: Faults::default(),
+            status: None,
+            grpc_code: None,
+            response_bytes: 0,
+            info,
+            request_bytes,
+            failure: None,
+            done: false,
+        }
+    }
+
+    pub(crate) fn fault(&mut self, k: FaultKind) {
+        self.faults.push(k);
+    }
+
+    pub(crate) fn request_counter(&self) -> Option<Arc<AtomicU64>> {
+        self.request_bytes.clone()
+    }
+
+    /// The response head is on its way to the client.
+    pub(crate) fn response_head(&mut self, status: StatusCode, headers: &HeaderMap) {
+        self.status = Some(status);
+        if self.grpc {
+            self.grpc_code = grpc::status_of(headers);
+        }
+    }
+
+    fn trailers(&mut self, t: &HeaderMap) {
+        if self.grpc
+            && let Some(c) = grpc::status_of(t)
+        {
+            self.grpc_code = Some(c);
+        }
+    }
+
+    fn response_bytes(&mut self, n: u64) {
+        self.response_bytes += n;
+        self.ctx.metrics.bytes_downstream(n);
+    }
+
+    /// The request gets no proper answer (the reason goes into `request.failed`).
+    pub(crate) fn set_failure(&mut self, reason: impl Into<Cow<'static, str>>) {
+        if self.failure.is_none() {
+            self.failure = Some(reason.into());
+        }
+    }
+
+    /// The request ends here without an answer.
+    pub(crate) fn fail(mut self, reason: &'static str) {
+        self.set_failure(reason);
+        self.finish();
+    }
+
+    /// The gRPC code name for metrics and events, from the response's `grpc-status`.
+    fn grpc_label(&self, status: StatusCode) -> &'static str {
+        let code = match self.grpc_code {
+            Some(c) => c,
+            None if status != StatusCode::OK => grpc::from_http_status(status),
+            // Trailers never came.
+            None if self.failure.as_deref() == Some(CLIENT_GONE) => GrpcCode::Cancelled,
+            None => GrpcCode::Unknown,
+        };
+        code.name()
+    }
+
+    /// Report the request, once: at the end of the response body or when it is dropped.
+    pub(crate) fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let elapsed = self.start.elapsed();
+        let status = self.status;
+        // The HTTP status ("200") or the gRPC code name ("UNAVAILABLE"); none without an answer.
+        let label = match &status {
+            None => None,
+            Some(s) if !self.grpc => Some(s.as_str()),
+            Some(s) => Some(self.grpc_label(*s)),
+        };
+        if let Some(l) = label {
+            self.ctx.metrics.request(l, elapsed.as_secs_f64());
+        }
+        if let Some(mut info) = self.info.take() {
+            info.status = label.map(str::to_owned);
+            info.latency = Some(elapsed);
+            info.request_bytes = self
+                .request_bytes
+                .as_ref()
+                .map_or(0, |c| c.load(Ordering::Relaxed));
+            info.response_bytes = self.response_bytes;
+            info.faults = self.faults.to_vec();
+            let kind = match self.failure.take() {
+                Some(reason) => {
+                    info.error = Some(reason.into_owned());
+                    EventKind::RequestFailed(*info)
+                }
+                None => EventKind::RequestCompleted(*info),
+            };
+            self.ctx.events.send(&self.ctx.info, kind);
+        }
+    }
+}
+
+const CLIENT_GONE: &str = "client went away before the response ended";
+
+impl Drop for Obs {
+    fn drop(&mut self) {
+        if !self.done {
+            self.set_failure(CLIENT_GONE);
+            self.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_keep_order_once() {
+        let mut f = Faults::default();
+        for k in [FaultKind::Partition, FaultKind::Latency, FaultKind::Partition, FaultKind::Bandwidth] {
+            f.push(k);
+        }
+        assert_eq!(f.to_vec(), vec![FaultKind::Partition, FaultKind::Latency, FaultKind::Bandwidth]);
+    }
+}

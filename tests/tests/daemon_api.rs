@@ -1,0 +1,231 @@
+//! rigd's gRPC API called directly, with rigd embedded in the test process (as `rigctl up` embeds
+//! it when none runs): Up streams progress, Chaos validates before it changes anything, Events
+//! replays and follows, promtool accepts /metrics.
+
+use std::time::Duration;
+
+use rig_control::daemon::{self, DaemonConfig};
+use rig_proto::v1 as pb;
+use rig_tests::rigd::{TempDir, bin_dir, http_get};
+
+const SPEC: &str = r#"
+name = "api"
+seed = 11
+
+[services.store]
+command = ["rig-demo", "kv"]
+[services.store.ingresses.default]
+protocol = "tcp"
+
+[services.catalog]
+command = ["rig-demo", "catalog"]
+[services.catalog.ingresses.default]
+protocol = "grpc"
+[services.catalog.egresses.store]
+service = "store"
+chaos = { latency = "1ms" }
+"#;
+
+async fn start(state: &TempDir) -> daemon::DaemonHandle {
+    // Services are found next to the rigd executable; here that is the test binary's target dir.
+    rig_tests::rigd::bin("rig-demo");
+    // rigd puts its own directory first on its services' PATH; embedded in a test, that is
+    // target/debug/deps, so add target/debug (where rig-demo is) to this process's PATH.
+    let path = std::env::var("PATH").unwrap_or_default();
+    if !path.split(':').any(|p| p == bin_dir().to_str().unwrap_or("")) {
+        set_path(&format!("{}:{path}", bin_dir().display()));
+    }
+    daemon::start(DaemonConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: None,
+        state_dir: state.path().to_path_buf(),
+        presets_dir: None,
+    })
+    .await
+    .expect("rigd starts")
+}
+
+#[allow(unsafe_code)]
+fn set_path(v: &str) {
+    // SAFETY: nextest runs each test in its own process, and this runs before rigd starts any
+    // thread that reads the environment.
+    unsafe { std::env::set_var("PATH", v) };
+}
+
+async fn up(addr: std::net::SocketAddr, spec: &str) -> Result<Vec<pb::UpProgress>, tonic::Status> {
+    let mut c = pb::environments_client::EnvironmentsClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let mut stream = c
+        .up(pb::UpRequest {
+            spec: spec.into(),
+            format: "toml".into(),
+            origin: "api.toml".into(),
+            base_dir: std::env::temp_dir().display().to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut steps = Vec::new();
+    while let Some(step) = stream.message().await? {
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_streams_progress_and_chaos_is_validated_first() {
+    let state = TempDir::new("api");
+    let rigd = start(&state).await;
+    let addr = rigd.local_addr();
+
+    let steps = up(addr, SPEC).await.expect("up");
+    let ready: Vec<&str> = steps
+        .iter()
+        .filter(|s| s.state == "ready")
+        .map(|s| s.service.as_str())
+        .collect();
+    assert_eq!(ready, vec!["store", "catalog"], "dependency order: {steps:?}");
+    let last = steps.last().expect("a final step");
+    assert_eq!(last.state, "up");
+    let env = last.environment.as_ref().expect("final status");
+    assert_eq!(env.edges.len(), 1);
+    let edge = &env.edges[0];
+    assert_eq!(edge.edge, "catalog/store");
+    assert_eq!(edge.chaos_version, 1);
+    assert_eq!(edge.chaos.as_ref().unwrap().latency.as_deref(), Some("1ms"));
+    assert!(edge.chaos.as_ref().unwrap().seed.is_some(), "the environment's seed is derived per edge");
+
+    let mut chaos = pb::chaos_client::ChaosClient::connect(format!("http://{addr}")).await.unwrap();
+    let sel = |edges: &[&str]| {
+        Some(pb::EdgeSelector {
+            env: String::new(),
+            edges: edges.iter().map(|s| s.to_string()).collect(),
+            to: String::new(),
+        })
+    };
+    // A field that does not apply to tcp: refused, nothing changes.
+    let err = chaos
+        .set(pb::SetChaosRequest {
+            selector: sel(&["catalog/store"]),
+            chaos: Some(pb::ChaosSpec {
+                status: Some(503),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("status"), "{}", err.message());
+    let got = chaos.get(pb::GetChaosRequest { selector: sel(&[]) }).await.unwrap().into_inner();
+    assert_eq!(got.edges[0].version, 1, "policy unchanged");
+
+    // A valid change returns the version in force.
+    let set = chaos
+        .set(pb::SetChaosRequest {
+            selector: sel(&["catalog/*"]),
+            chaos: Some(pb::ChaosSpec {
+                bandwidth: Some("1MiB/s".into()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.edges[0].version, 2);
+
+    // An unknown edge names the edges there are.
+    let err = chaos
+        .set(pb::SetChaosRequest {
+            selector: sel(&["web/store"]),
+            chaos: Some(pb::ChaosSpec {
+                latency: Some("1ms".into()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("catalog/store"), "{}", err.message());
+
+    // Presets apply per protocol.
+    let presets = chaos.list_presets(pb::ListPresetsRequest {}).await.unwrap().into_inner();
+    let names: Vec<&str> = presets.presets.iter().map(|p| p.name.as_str()).collect();
+    for want in ["healthy", "slow-network", "flaky", "degraded", "error", "partition", "bandwidth-constrained", "blackhole", "chaos"] {
+        assert!(names.contains(&want), "preset {want} in {names:?}");
+    }
+    let applied = chaos
+        .apply_preset(pb::ApplyPresetRequest {
+            selector: sel(&["*"]),
+            preset: "flaky".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.edges[0].version, 3);
+
+    // The event log has the story in order, and chaos.changed carries old and new.
+    let mut events = pb::events_client::EventsClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut stream = events
+        .watch(pb::WatchRequest {
+            types: vec!["service.ready".into(), "environment.".into(), "chaos.changed".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kinds = Vec::new();
+    let mut chaos_data = Vec::new();
+    while let Some(e) = stream.message().await.unwrap() {
+        if e.r#type == "chaos.changed" {
+            chaos_data.push(serde_json::from_str::<serde_json::Value>(&e.data_json).unwrap());
+        }
+        kinds.push(e.r#type);
+    }
+    assert_eq!(
+        kinds,
+        vec!["service.ready", "service.ready", "environment.up", "chaos.changed", "chaos.changed"]
+    );
+    assert_eq!(chaos_data[0]["old"]["latency"], "1ms");
+    assert_eq!(chaos_data[0]["new"]["bandwidth"], "1MiB/s");
+    assert_eq!(chaos_data[1]["cause"], "preset flaky");
+
+    // promtool, Prometheus' own linter, accepts the scrape.
+    let (code, text) = http_get(&format!("http://{addr}/metrics"), None);
+    assert_eq!(code, 200);
+    assert!(text.contains("rig_edge_policy_version"), "{text}");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by scripts/test.sh (Debian package prometheus)");
+    use std::io::Write;
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics complained:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut envs = pb::environments_client::EnvironmentsClient::connect(format!("http://{addr}")).await.unwrap();
+    let down = envs.down(pb::DownRequest { env: "api".into() }).await.unwrap().into_inner();
+    assert_eq!(down.stopped.len(), 2);
+    let list = envs.list(pb::ListRequest {}).await.unwrap().into_inner();
+    assert!(list.environments.is_empty());
+    tokio::time::timeout(Duration::from_secs(10), rigd.shutdown()).await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_error_is_invalid_argument_with_the_line() {
+    let state = TempDir::new("api-bad");
+    let rigd = start(&state).await;
+    let bad = SPEC.replace("protocol = \"grpc\"", "protocol = \"grcp\"");
+    let err = up(rigd.local_addr(), &bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("api.toml"), "{}", err.message());
+    assert!(err.message().contains("grcp"), "{}", err.message());
+    rigd.shutdown().await;
+}

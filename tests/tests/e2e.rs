@@ -1,0 +1,360 @@
+//! End to end: a real rigd process, real services (rig-demo), rigctl as a user runs it, traffic
+//! from a real client, /metrics read back.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rig_proto::v1 as pb;
+use rig_tests::prom;
+use rig_tests::rigd::{Rigd, TempDir, alive, assert_all_gone, http_get};
+
+/// A three-service chain: web (http) → catalog (grpc) → store (tcp).
+fn chain_spec(dir: &TempDir, name: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+name = "{name}"
+
+[services.store]
+command = ["rig-demo", "kv"]
+[services.store.ingresses.default]
+protocol = "tcp"
+
+[services.catalog]
+command = ["rig-demo", "catalog"]
+[services.catalog.ingresses.default]
+protocol = "grpc"
+[services.catalog.egresses.store]
+service = "store"
+
+[services.web]
+command = ["rig-demo", "web"]
+[services.web.ingresses.default]
+protocol = "http"
+ready = {{ path = "/healthz", timeout = "20s" }}
+[services.web.egresses.catalog]
+service = "catalog"
+{extra}
+"#
+    );
+    let path = dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write spec");
+    path
+}
+
+fn status(rigd: &Rigd, env: &str) -> pb::EnvironmentStatus {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut c = pb::environments_client::EnvironmentsClient::connect(rigd.url(""))
+            .await
+            .expect("connect to rigd");
+        c.status(pb::StatusRequest { env: env.into() })
+            .await
+            .expect("status")
+            .into_inner()
+    })
+}
+
+fn pids(st: &pb::EnvironmentStatus) -> Vec<u32> {
+    st.services.iter().map(|s| s.pid).filter(|p| *p != 0).collect()
+}
+
+fn ingress(st: &pb::EnvironmentStatus, service: &str) -> String {
+    st.services
+        .iter()
+        .find(|s| s.name == service)
+        .and_then(|s| s.ingresses.first())
+        .map(|i| i.address.clone())
+        .unwrap_or_else(|| panic!("no ingress for {service}"))
+}
+
+fn metric(rigd: &Rigd, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (code, body) = http_get(&rigd.url("/metrics"), rigd.token.as_deref());
+    assert_eq!(code, 200, "GET /metrics: {body}");
+    prom::value(&body, name, labels)
+}
+
+#[test]
+fn up_traffic_chaos_metrics_down() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e");
+    let spec = chain_spec(&dir, "shop", "");
+    let out = rigd.ok(&["up", spec.to_str().unwrap(), "--detach"]);
+    assert!(out.contains("web"), "up output names the services: {out}");
+
+    let st = status(&rigd, "shop");
+    assert_eq!(st.state, "up");
+    let all = pids(&st);
+    assert_eq!(all.len(), 3, "three services running: {st:?}");
+    for p in &all {
+        assert!(alive(*p));
+    }
+    // Every edge is wired through a proxy, not to the target directly.
+    for e in &st.edges {
+        assert!(e.observed);
+        assert_ne!(e.proxy_address, e.target_address, "{e:?}");
+    }
+
+    let web = format!("http://{}", ingress(&st, "web"));
+    let (code, body) = http_get(&format!("{web}/items/item-7"), None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("item-7"), "{body}");
+
+    // Break the grpc edge: in force when the command returns.
+    let out = rigd.ok(&["chaos", "set", "web/catalog", "--error-rate", "1", "--grpc-code", "UNAVAILABLE"]);
+    assert!(out.contains("web/catalog"), "{out}");
+    let (code, body) = http_get(&format!("{web}/items/item-7"), None);
+    assert_eq!(code, 502, "the injected UNAVAILABLE reaches web as a gRPC error: {body}");
+    assert!(body.contains("UNAVAILABLE"), "{body}");
+
+    let env = [("env", "shop"), ("edge", "web/catalog")];
+    let injected = metric(&rigd, "rig_edge_faults_injected_total", &[env[0], env[1], ("fault", "error")]);
+    assert!(injected >= 1.0, "faults counted: {injected}");
+    let unavailable = metric(&rigd, "rig_edge_requests_total", &[env[0], env[1], ("status", "UNAVAILABLE")]);
+    assert!(unavailable >= 1.0, "requests by status counted: {unavailable}");
+    let ok = metric(&rigd, "rig_edge_requests_total", &[env[0], env[1], ("status", "OK")]);
+    assert!(ok >= 1.0, "the request before chaos was counted OK: {ok}");
+    let tcp_bytes = metric(&rigd, "rig_edge_bytes_total", &[("env", "shop"), ("edge", "catalog/store"), ("direction", "upstream")]);
+    assert!(tcp_bytes > 0.0, "the tcp edge counted bytes: {tcp_bytes}");
+
+    // The invalid change is refused and the policy in force stays.
+    let bad = rigd.rigctl(&["chaos", "set", "web/catalog", "--error-rate", "2"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("error_rate"), "the error names the field: {err}");
+    let (code, _) = http_get(&format!("{web}/items/item-7"), None);
+    assert_eq!(code, 502, "the old policy is still in force");
+
+    rigd.ok(&["chaos", "clear", "web/catalog"]);
+    let (code, body) = http_get(&format!("{web}/items/item-7"), None);
+    assert_eq!(code, 200, "clear takes effect at once: {body}");
+
+    let out = rigd.ok(&["down", "shop"]);
+    assert!(out.contains("shop") || out.contains("web"), "{out}");
+    assert_all_gone(&all, Duration::from_secs(10));
+    let list = rigd.ok(&["ls"]);
+    assert!(!list.contains("shop"), "the environment is gone: {list}");
+}
+
+#[test]
+fn sigkill_of_rigd_takes_its_services_with_it() {
+    let mut rigd = Rigd::start();
+    let dir = TempDir::new("e2e-kill");
+    let spec = chain_spec(&dir, "doomed", "");
+    rigd.ok(&["up", spec.to_str().unwrap(), "--detach"]);
+    let all = pids(&status(&rigd, "doomed"));
+    assert_eq!(all.len(), 3);
+    rigd.child.kill().expect("SIGKILL rigd");
+    let _ = rigd.child.wait();
+    assert_all_gone(&all, Duration::from_secs(10));
+}
+
+#[test]
+fn a_failing_service_reports_why_and_leaves_nothing_running() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-fail");
+    let spec = chain_spec(
+        &dir,
+        "broken",
+        r#"
+[services.bad]
+command = ["sh", "-c", "echo 'config missing: DATABASE_URL' >&2; exit 3"]
+[services.bad.ingresses.default]
+protocol = "tcp"
+[services.bad.egresses.web]
+service = "web"
+"#,
+    );
+    let out = rigd.rigctl(&["up", spec.to_str().unwrap(), "--detach"]);
+    assert!(!out.status.success(), "up must fail");
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("bad"), "names the service: {all}");
+    assert!(all.contains("code 3"), "says why: {all}");
+    assert!(all.contains("config missing: DATABASE_URL"), "shows its last log lines: {all}");
+    // Nothing half-started: the environment is not listed and no child of rigd remains.
+    let list = rigd.ok(&["ls"]);
+    assert!(!list.contains("broken"), "{list}");
+    let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", rigd.child.id(), rigd.child.id())).unwrap_or_default();
+    let left: Vec<u32> = children.split_whitespace().filter_map(|p| p.parse().ok()).filter(|p| alive(*p)).collect();
+    assert_all_gone(&left, Duration::from_secs(10));
+}
+
+#[test]
+fn an_invalid_spec_names_file_line_and_field_and_starts_nothing() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-invalid");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "name = \"bad\"\n\n[services.web]\ncommand = [\"rig-demo\", \"web\"]\n[services.web.ingresses.default]\nprotocol = \"http\"\n[services.web.egresses.db]\nservice = \"postgres\"\n",
+    )
+    .unwrap();
+    let out = rigd.rigctl(&["up", path.to_str().unwrap(), "--detach"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml"), "names the file: {err}");
+    assert!(err.contains(":8"), "names the line: {err}");
+    assert!(err.contains("postgres"), "names the value: {err}");
+    let list = rigd.ok(&["ls"]);
+    assert!(!list.contains("bad"), "{list}");
+}
+
+#[test]
+fn environments_are_isolated_and_names_unique() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-two");
+    let a = chain_spec(&dir, "alpha", "");
+    let b = chain_spec(&dir, "beta", "");
+    rigd.ok(&["up", a.to_str().unwrap(), "--detach"]);
+    rigd.ok(&["up", b.to_str().unwrap(), "--detach"]);
+    let again = rigd.rigctl(&["up", a.to_str().unwrap(), "--detach"]);
+    assert!(!again.status.success(), "a second alpha is refused");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+
+    // Chaos on one environment does not touch the other.
+    let sa = status(&rigd, "alpha");
+    let sb = status(&rigd, "beta");
+    let wa = format!("http://{}/items/item-1", ingress(&sa, "web"));
+    let wb = format!("http://{}/items/item-1", ingress(&sb, "web"));
+    // web/catalog is grpc: `--status` does not apply and is refused, naming the field.
+    let bad = rigd.rigctl(&["--env", "alpha", "chaos", "set", "web/catalog", "--status", "503"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("status"));
+    rigd.ok(&["--env", "alpha", "chaos", "set", "web/catalog", "--grpc-code", "INTERNAL"]);
+    assert_eq!(http_get(&wa, None).0, 502);
+    assert_eq!(http_get(&wb, None).0, 200);
+    // Without --env, rigctl must ask which one.
+    let amb = rigd.rigctl(&["chaos", "get"]);
+    assert!(!amb.status.success());
+    assert!(String::from_utf8_lossy(&amb.stderr).contains("--env"));
+    let pa = pids(&sa);
+    let pb = pids(&sb);
+    rigd.ok(&["down", "alpha"]);
+    assert_all_gone(&pa, Duration::from_secs(10));
+    assert!(pb.iter().all(|p| alive(*p)), "beta keeps running");
+    assert_eq!(http_get(&wb, None).0, 200);
+    rigd.ok(&["down", "beta"]);
+    assert_all_gone(&pb, Duration::from_secs(10));
+}
+
+#[test]
+fn services_get_their_wiring_in_env_vars() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-env");
+    let out = dir.path().join("env.txt");
+    let text = format!(
+        r#"
+name = "wiring"
+[services.store]
+command = ["rig-demo", "kv"]
+[services.store.ingresses.main]
+protocol = "tcp"
+[services.store.ingresses.admin]
+protocol = "http"
+ready = false
+
+[services.probe]
+command = ["sh", "-c", "env > {out}.tmp && mv {out}.tmp {out} && exec sleep 600", "--", "${{DB_ADDR}}"]
+[services.probe.egresses.db]
+service = "store"
+ingress = "main"
+[services.probe.egresses.admin-api]
+service = "store"
+ingress = "admin"
+observe = false
+"#,
+        out = out.display()
+    );
+    let spec = dir.path().join("wiring.toml");
+    std::fs::write(&spec, text).unwrap();
+    rigd.ok(&["up", spec.to_str().unwrap(), "--detach"]);
+    let st = status(&rigd, "wiring");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !out.exists() {
+        assert!(std::time::Instant::now() < deadline, "probe wrote no env");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let env: std::collections::HashMap<String, String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let db = st.edges.iter().find(|e| e.edge == "probe/db").expect("edge probe/db");
+    let admin = st.edges.iter().find(|e| e.edge == "probe/admin-api").expect("edge probe/admin-api");
+    assert_eq!(env["DB_ADDR"], db.proxy_address, "observed edges point at the proxy");
+    assert_eq!(format!("{}:{}", env["DB_HOST"], env["DB_PORT"]), db.proxy_address);
+    assert!(!env.contains_key("DB_URL"), "no URL for a tcp egress");
+    assert!(!admin.observed);
+    assert_eq!(env["ADMIN_API_URL"], format!("http://{}", admin.target_address), "observe = false wires the target itself");
+    assert_eq!(env["RIG_SERVICE"], "probe");
+    assert_eq!(env["RIG_ENV"], "wiring");
+    let wiring: serde_json::Value = serde_json::from_str(&env["RIG_WIRING"]).expect("RIG_WIRING is JSON");
+    assert_eq!(wiring["egresses"]["db"]["addr"], db.proxy_address.as_str());
+    // The store's two ingresses: HOST/PORT only for `default`, prefixed otherwise.
+    let store = st.services.iter().find(|s| s.name == "store").unwrap();
+    assert!(store.ingresses.iter().any(|i| i.name == "main"));
+    rigd.ok(&["down"]);
+}
+
+#[test]
+fn a_token_guards_every_call() {
+    let refused = std::process::Command::new(rig_tests::rigd::bin("rigd"))
+        .args(["--listen", "0.0.0.0:0"])
+        .env_remove("RIG_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "non-loopback without a token is refused");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("RIG_TOKEN"));
+
+    let rigd = Rigd::start_with(&[], Some("s3cret"));
+    assert_eq!(http_get(&rigd.url("/metrics"), None).0, 401);
+    assert_eq!(http_get(&rigd.url("/metrics"), Some("wrong")).0, 401);
+    assert_eq!(http_get(&rigd.url("/metrics"), Some("s3cret")).0, 200);
+    rigd.ok(&["ls"]);
+    let mut anon = rigd.rigctl_cmd(&["ls"]);
+    anon.env_remove("RIG_TOKEN");
+    let out = anon.output().unwrap();
+    assert!(!out.status.success(), "rigctl without the token is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("token"));
+}
+
+#[test]
+fn events_are_served_as_sse_and_resume_from_last_event_id() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-sse");
+    let spec = chain_spec(&dir, "sse", "");
+    rigd.ok(&["up", spec.to_str().unwrap(), "--detach"]);
+    rigd.ok(&["down", "sse"]);
+    // The log now holds the whole life of the environment; read it over SSE with a resume point.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let text = rt.block_on(async {
+        use http_body_util::BodyExt;
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let req = http::Request::get(rigd.url("/events?types=service.ready,environment."))
+            .header("last-event-id", "1")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = client.request(req).await.expect("GET /events");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut text = String::new();
+        // Read frames until the environment.down event arrives (bounded).
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    text.push_str(&String::from_utf8_lossy(&data));
+                    if text.contains("event: environment.down") {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+        text
+    });
+    assert!(text.contains("event: service.ready"), "{text}");
+    assert!(text.contains("event: environment.up"), "{text}");
+    assert!(text.contains("event: environment.down"), "{text}");
+    assert!(!text.contains("id: 1\n"), "resumed after id 1: {text}");
+    assert!(!text.contains("service.starting"), "filtered by type: {text}");
+}
