@@ -170,7 +170,11 @@ pub async fn measure(target: Target, warmup: usize, n: usize, limit: Duration) -
                 let a = conn.get("/").await?;
                 let dt = t0.elapsed();
                 if a.status != 200 {
-                    bail!("GET / via {addr} answered {} (injected: {:?})", a.status, a.injected);
+                    bail!(
+                        "GET / via {addr} answered {} (injected: {:?})",
+                        a.status,
+                        a.injected
+                    );
                 }
                 if i >= warmup {
                     samples.push(dt);

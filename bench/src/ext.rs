@@ -52,7 +52,12 @@ impl ProxyServer {
     }
 
     /// Start an edge forwarding to `target` with `chaos` (JSON of a `ChaosSpec`, "" for none).
-    pub async fn edge(&mut self, protocol: &str, target: SocketAddr, chaos: &str) -> Result<SocketAddr> {
+    pub async fn edge(
+        &mut self,
+        protocol: &str,
+        target: SocketAddr,
+        chaos: &str,
+    ) -> Result<SocketAddr> {
         let answer = self
             .proc
             .command(&format!("edge {protocol} {target} {chaos}"), START)
@@ -67,7 +72,10 @@ impl ProxyServer {
     /// Start `n` edges without chaos.
     pub async fn edges(&mut self, n: usize, protocol: &str, target: SocketAddr) -> Result<()> {
         self.proc
-            .command(&format!("edges {n} {protocol} {target}"), Duration::from_secs(60))
+            .command(
+                &format!("edges {n} {protocol} {target}"),
+                Duration::from_secs(60),
+            )
             .await
             .map(|_| ())
     }
@@ -102,7 +110,7 @@ pub struct Upstream {
 impl Upstream {
     pub async fn start(ctx: &Ctx, cpus: Cpus) -> Result<Upstream> {
         let mut proc = Proc::spawn(ctx.role("upstream", &["upstream"]).pin(cpus), &ctx.work)?;
-        let mut addr = |line: String, what: &str| -> Result<SocketAddr> {
+        let addr = |line: String, what: &str| -> Result<SocketAddr> {
             line.strip_prefix(what)
                 .map(str::trim)
                 .ok_or_else(|| anyhow!("upstream said {line:?}"))?
@@ -136,26 +144,42 @@ impl HttpUpstream {
             std::fs::create_dir_all(&dir)?;
             let d = dir.display();
             // One process, no master: one pinnable process, as the proxies get one core each.
-            let mut conf = String::new();
-            let _ = write!(
-                conf,
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-                 error_log {d}/error.log warn;\n\
-                 events {{ worker_connections 8192; }}\n\
-                 http {{\n  access_log off;\n  default_type text/plain;\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n\
-                 \x20 client_body_temp_path {d};\n  proxy_temp_path {d};\n\
-                 \x20 server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"{}\"; }}\n  }}\n}}\n",
-                crate::helpers::BODY.escape_default()
+            let body = crate::helpers::BODY.escape_default();
+            let conf = format!(
+                r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  default_type text/plain;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  client_body_temp_path {d};
+  proxy_temp_path {d};
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ return 200 "{body}"; }}
+  }}
+}}
+"#
             );
             let conf_path = dir.join("nginx.conf");
             std::fs::write(&conf_path, conf)?;
             let spec = Spec::new(name, nginx)
-                .args(["-p".to_string(), d.to_string(), "-e".into(), format!("{d}/startup.log")])
+                .args([
+                    "-p".to_string(),
+                    d.to_string(),
+                    "-e".into(),
+                    format!("{d}/startup.log"),
+                ])
                 .args(["-c".to_string(), conf_path.display().to_string()])
                 .pin(cpus);
-            let proc = Proc::spawn(spec, &ctx.work)?;
+            let mut proc = Proc::spawn(spec, &ctx.work)?;
             let addr = procs::local(port);
-            procs::wait_port(addr, START)
+            proc.wait_port(addr, START)
                 .await
                 .with_context(|| format!("nginx did not start; see {d}/error.log"))?;
             return Ok(HttpUpstream {
@@ -189,13 +213,15 @@ pub async fn haproxy(
 ) -> Result<(Proc, SocketAddr)> {
     let bin = procs::which("haproxy").ok_or_else(|| anyhow!("haproxy is not installed"))?;
     let port = procs::free_port()?;
-    let mut conf = String::from("global\n  maxconn 50000\n");
+    // maxconn sizes HAProxy's fd limit (about twice it), which must fit under the process's.
+    let mut conf = String::from("global\n  maxconn 8000\n");
     if let Some(t) = threads {
         let _ = writeln!(conf, "  nbthread {t}");
     }
     let _ = write!(
         conf,
-        "defaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n"
+        "defaults\n  mode {mode}\n  timeout connect 5s\n\
+         \x20 timeout client 300s\n  timeout server 300s\n"
     );
     if mode == "http" {
         // Keep-alive on both sides, and reuse idle server connections across clients.
@@ -210,11 +236,9 @@ pub async fn haproxy(
     let spec = Spec::new(name, bin)
         .args(["-db".to_string(), "-f".into(), path.display().to_string()])
         .pin(cpus);
-    let proc = Proc::spawn(spec, &ctx.work)?;
+    let mut proc = Proc::spawn(spec, &ctx.work)?;
     let addr = procs::local(port);
-    if let Err(e) = procs::wait_port(addr, START).await {
-        return Err(anyhow!("haproxy did not start: {e}; stderr:\n{}", proc.stderr_tail()));
-    }
+    proc.wait_port(addr, START).await?;
     Ok((proc, addr))
 }
 
@@ -229,7 +253,12 @@ pub async fn latency_client(
 ) -> Result<Stats> {
     let spec = ctx
         .role(name, &["client", target.0, &target.1.to_string()])
-        .args(["--warmup".to_string(), warmup.to_string(), "-n".into(), n.to_string()])
+        .args([
+            "--warmup".to_string(),
+            warmup.to_string(),
+            "-n".into(),
+            n.to_string(),
+        ])
         .pin(cpus);
     let proc = Proc::spawn(spec, &ctx.work)?;
     let out = proc.wait_output(Duration::from_secs(180)).await?;

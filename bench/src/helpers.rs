@@ -121,7 +121,16 @@ pub async fn proxy_server() -> Result<()> {
                     let target: SocketAddr = words.next().unwrap_or_default().parse()?;
                     let chaos = parse_chaos(words.next().unwrap_or_default())?;
                     let info = EdgeInfo::standalone("bench", "target", protocol);
-                    let edge = Edge::bind(EdgeConfig { info, target, chaos }, listen, events.clone()).await?;
+                    let edge = Edge::bind(
+                        EdgeConfig {
+                            info,
+                            target,
+                            chaos,
+                        },
+                        listen,
+                        events.clone(),
+                    )
+                    .await?;
                     let addr = edge.local_addr();
                     edges.push(edge);
                     Ok(format!("{} {addr}", edges.len() - 1))
@@ -256,7 +265,12 @@ pub async fn idle() -> Result<()> {
 }
 
 /// `client`: measure and print one JSON line of [`Stats`].
-pub async fn client(http: Option<SocketAddr>, echo: Option<SocketAddr>, warmup: usize, n: usize) -> Result<()> {
+pub async fn client(
+    http: Option<SocketAddr>,
+    echo: Option<SocketAddr>,
+    warmup: usize,
+    n: usize,
+) -> Result<()> {
     let target = match (http, echo) {
         (Some(a), None) => Target::Http(a),
         (None, Some(a)) => Target::Echo(a),

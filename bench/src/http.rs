@@ -1,5 +1,5 @@
-//! 2. HTTP/1.1 keep-alive requests/s with wrk, 3. added latency per request, 4. accuracy of
-//! injected latency.
+//! Measurements 2 (HTTP/1.1 keep-alive requests/s with wrk), 3 (added latency per request) and
+//! 4 (accuracy of injected latency).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,17 +53,29 @@ async fn wrk(ctx: &Ctx, addr: SocketAddr, secs: u32) -> Result<Wrk> {
     Ok(w)
 }
 
-/// 2. Requests/s: the proxy (rig or HAProxy, one thread) on core 0, the upstream on core 1, wrk
-/// (two threads) free on both.
+/// Requests/s (measurement 2): the proxy (rig or HAProxy, one thread) on core 0, the upstream
+/// on core 1, wrk (two threads) free on both.
 pub async fn rps(ctx: &Ctx) -> Result<Vec<Row>> {
     let upstream = HttpUpstream::start(ctx, "rps-upstream", Cpus::Core1).await?;
     let mut proxy = ProxyServer::start(ctx, "rps-rig", Cpus::Core0).await?;
     let rig_addr = proxy.edge("http", upstream.addr, "").await?;
-    let (hap, hap_addr) = haproxy(ctx, "rps-haproxy", "http", upstream.addr, Some(1), Cpus::Core0).await?;
+    let (hap, hap_addr) = haproxy(
+        ctx,
+        "rps-haproxy",
+        "http",
+        upstream.addr,
+        Some(1),
+        Cpus::Core0,
+    )
+    .await?;
 
     let secs = ctx.scale(5, 1);
     let mut results = Vec::new();
-    for (name, addr) in [("direct", upstream.addr), ("rig", rig_addr), ("HAProxy", hap_addr)] {
+    for (name, addr) in [
+        ("direct", upstream.addr),
+        ("rig", rig_addr),
+        ("HAProxy", hap_addr),
+    ] {
         if !ctx.quick {
             // Warm up connections, caches and the allocator; not measured.
             wrk(ctx, addr, 1).await?;
@@ -82,15 +94,21 @@ pub async fn rps(ctx: &Ctx) -> Result<Vec<Row>> {
     let errors = direct.errors + rig.errors + hap.errors;
     let vs_hap = rig.rps / hap.rps;
     let mut rows = vec![
-        Row::new(format!("HTTP/1.1 keep-alive req/s (wrk -t2 -c64 -d{secs}s, upstream {what})"))
-            .rig(rate(rig.rps))
-            .baselines(format!("direct {}, HAProxy {}", rate(direct.rps), rate(hap.rps)))
-            .ratio(format!(
-                "rig÷HAProxy {vs_hap:.2} (rig÷direct {:.2}, HAProxy÷direct {:.2})",
-                rig.rps / direct.rps,
-                hap.rps / direct.rps
-            ))
-            .target("rig ≥ HAProxy", vs_hap >= 1.0 && errors == 0),
+        Row::new(format!(
+            "HTTP/1.1 keep-alive req/s (wrk -t2 -c64 -d{secs}s, upstream {what})"
+        ))
+        .rig(rate(rig.rps))
+        .baselines(format!(
+            "direct {}, HAProxy {}",
+            rate(direct.rps),
+            rate(hap.rps)
+        ))
+        .ratio(format!(
+            "rig÷HAProxy {vs_hap:.2} (rig÷direct {:.2}, HAProxy÷direct {:.2})",
+            rig.rps / direct.rps,
+            hap.rps / direct.rps
+        ))
+        .target("rig ≥ HAProxy", vs_hap >= 1.0 && errors == 0),
     ];
     rows.push(
         Row::new("events drained by the rig edge's subscriber during the wrk runs")
@@ -100,17 +118,29 @@ pub async fn rps(ctx: &Ctx) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// 3. Added latency, one connection, one request at a time, everything on core 0.
+/// Added latency (measurement 3), one connection, one request at a time, everything on core 0.
 pub async fn latency(ctx: &Ctx) -> Result<Vec<Row>> {
     let upstream = HttpUpstream::start(ctx, "lat-upstream", Cpus::Core0).await?;
     let mut proxy = ProxyServer::start(ctx, "lat-rig", Cpus::Core0).await?;
     let rig_addr = proxy.edge("http", upstream.addr, "").await?;
-    let (hap, hap_addr) = haproxy(ctx, "lat-haproxy", "http", upstream.addr, Some(1), Cpus::Core0).await?;
+    let (hap, hap_addr) = haproxy(
+        ctx,
+        "lat-haproxy",
+        "http",
+        upstream.addr,
+        Some(1),
+        Cpus::Core0,
+    )
+    .await?;
 
     let n = ctx.scale(20_000, 2_000);
     let warmup = ctx.scale(1_000, 100);
     let mut stats = Vec::new();
-    for (name, addr) in [("direct", upstream.addr), ("rig", rig_addr), ("HAProxy", hap_addr)] {
+    for (name, addr) in [
+        ("direct", upstream.addr),
+        ("rig", rig_addr),
+        ("HAProxy", hap_addr),
+    ] {
         let s = latency_client(ctx, "lat-client", ("--http", addr), warmup, n, Cpus::Core0).await?;
         println!(
             "latency {name}: p50 {} p90 {} p99 {} (n={})",
@@ -130,19 +160,38 @@ pub async fn latency(ctx: &Ctx) -> Result<Vec<Row>> {
     let added50 = rig.p50 - direct.p50;
     let added99 = rig.p99 - direct.p99;
     Ok(vec![
-        Row::new(format!("added latency per HTTP request, p50 (1 conn, N={n}, all on core 0, upstream {what})"))
-            .rig(format!("p50 {}", us(rig.p50)))
-            .baselines(format!("direct {}, HAProxy {}", us(direct.p50), us(hap.p50)))
-            .ratio(format!("rig +{} (HAProxy +{})", us(added50), us(hap.p50 - direct.p50)))
-            .target("added p50 ≤ 50 µs", added50 <= 50.0),
+        Row::new(format!(
+            "added latency per HTTP request, p50 (1 conn, N={n}, all on core 0, upstream {what})"
+        ))
+        .rig(format!("p50 {}", us(rig.p50)))
+        .baselines(format!(
+            "direct {}, HAProxy {}",
+            us(direct.p50),
+            us(hap.p50)
+        ))
+        .ratio(format!(
+            "rig +{} (HAProxy +{})",
+            us(added50),
+            us(hap.p50 - direct.p50)
+        ))
+        .target("added p50 ≤ 50 µs", added50 <= 50.0),
         Row::new("added latency per HTTP request, p99 (same run)")
             .rig(format!("p99 {}", us(rig.p99)))
-            .baselines(format!("direct {}, HAProxy {}", us(direct.p99), us(hap.p99)))
-            .ratio(format!("rig +{} (HAProxy +{})", us(added99), us(hap.p99 - direct.p99))),
+            .baselines(format!(
+                "direct {}, HAProxy {}",
+                us(direct.p99),
+                us(hap.p99)
+            ))
+            .ratio(format!(
+                "rig +{} (HAProxy +{})",
+                us(added99),
+                us(hap.p99 - direct.p99)
+            )),
     ])
 }
 
-/// 4. Accuracy of a 50 ms latency fault on an http edge and (upstream only) on a tcp edge.
+/// Accuracy (measurement 4) of a 50 ms latency fault on an http edge and (upstream only) on a
+/// tcp edge.
 pub async fn accuracy(ctx: &Ctx) -> Result<Vec<Row>> {
     const CONFIGURED_US: f64 = 50_000.0;
     let upstream = HttpUpstream::start(ctx, "acc-upstream", Cpus::Core0).await?;
@@ -152,14 +201,28 @@ pub async fn accuracy(ctx: &Ctx) -> Result<Vec<Row>> {
         .edge("http", upstream.addr, r#"{"latency":"50ms"}"#)
         .await?;
     let tcp_edge = proxy
-        .edge("tcp", echo.echo, r#"{"latency":"50ms","latency_direction":"upstream"}"#)
+        .edge(
+            "tcp",
+            echo.echo,
+            r#"{"latency":"50ms","latency_direction":"upstream"}"#,
+        )
         .await?;
 
     let n = ctx.scale(500, 40);
     let mut rows = Vec::new();
     let cases = [
-        ("http", ("--http", upstream.addr), ("--http", http_edge), "request"),
-        ("tcp", ("--echo", echo.echo), ("--echo", tcp_edge), "echo round trip"),
+        (
+            "http",
+            ("--http", upstream.addr),
+            ("--http", http_edge),
+            "request",
+        ),
+        (
+            "tcp",
+            ("--echo", echo.echo),
+            ("--echo", tcp_edge),
+            "echo round trip",
+        ),
     ];
     for (proto, direct_t, rig_t, what) in cases {
         let direct = latency_client(ctx, "acc-client", direct_t, 20, n, Cpus::Core0).await?;

@@ -1,5 +1,5 @@
-//! 5. Memory: VmRSS of a process running rig edges, before and after opening idle proxied
-//! connections and starting edges; HAProxy's the same way as a peer figure.
+//! Measurement 5, memory: VmRSS of a process running rig edges, before and after opening idle
+//! proxied connections and starting edges; HAProxy's the same way as a peer figure.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -79,7 +79,8 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     proxy.stop().await;
     let http_kib = after.saturating_sub(before) as f64 / n_conns as f64;
 
-    let (hap, hap_addr) = haproxy(ctx, "mem-haproxy", "tcp", upstream.echo, Some(1), Cpus::Any).await?;
+    let (hap, hap_addr) =
+        haproxy(ctx, "mem-haproxy", "tcp", upstream.echo, Some(1), Cpus::Any).await?;
     let hap_kib = per_conn_echo(hap.pid(), hap_addr, n_conns)
         .await
         .context("idle tcp connections through HAProxy")?;
@@ -110,20 +111,30 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         kib(per_edge[1])
     );
     Ok(vec![
-        Row::new(format!("RSS per idle proxied tcp connection ({n_conns} open, passthrough)"))
-            .rig(kib(tcp_kib))
-            .baselines(format!("HAProxy (tcp mode, 1 thread) {}", kib(hap_kib)))
-            .ratio(format!("rig÷HAProxy {:.2}", tcp_kib / hap_kib.max(0.001)))
-            .target("≤ 16 KiB", tcp_kib <= 16.0),
-        Row::new(format!("RSS per idle proxied HTTP/1.1 keep-alive connection ({n_conns} open)"))
-            .rig(kib(http_kib)),
-        Row::new(format!("RSS per idle edge ({n_edges} tcp edges, then {n_edges} http edges)"))
-            .rig(format!("tcp {}, http {}", kib(per_edge[0]), kib(per_edge[1])))
-            .baselines(format!(
-                "process RSS {} with 2 edges → {} with {} edges",
-                kib(start_rss as f64),
-                kib(end_rss as f64),
-                2 + 2 * n_edges
-            )),
+        Row::new(format!(
+            "RSS per idle proxied tcp connection ({n_conns} open, passthrough)"
+        ))
+        .rig(kib(tcp_kib))
+        .baselines(format!("HAProxy (tcp mode, 1 thread) {}", kib(hap_kib)))
+        .ratio(format!("rig÷HAProxy {:.2}", tcp_kib / hap_kib.max(0.001)))
+        .target("≤ 16 KiB", tcp_kib <= 16.0),
+        Row::new(format!(
+            "RSS per idle proxied HTTP/1.1 keep-alive connection ({n_conns} open)"
+        ))
+        .rig(kib(http_kib)),
+        Row::new(format!(
+            "RSS per idle edge ({n_edges} tcp edges, then {n_edges} http edges)"
+        ))
+        .rig(format!(
+            "tcp {}, http {}",
+            kib(per_edge[0]),
+            kib(per_edge[1])
+        ))
+        .baselines(format!(
+            "process RSS {} with 2 edges → {} with {} edges",
+            kib(start_rss as f64),
+            kib(end_rss as f64),
+            2 + 2 * n_edges
+        )),
     ])
 }

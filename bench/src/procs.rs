@@ -254,6 +254,27 @@ impl Proc {
         Ok(lines)
     }
 
+    /// Poll until `addr` accepts a tcp connection, failing early if this process exits.
+    pub async fn wait_port(&mut self, addr: SocketAddr, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "{} exited ({status}) before listening on {addr}; stderr:\n{}",
+                    self.name,
+                    self.stderr_tail()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!("{}: nothing listens on {addr} after {within:?}", self.name);
+            }
+            sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited within `grace`.
     pub async fn stop(mut self, grace: Duration) {
         drop(self.stdin.take());
@@ -277,20 +298,6 @@ pub fn free_port() -> Result<u16> {
 
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// Poll until `addr` accepts a tcp connection.
-pub async fn wait_port(addr: SocketAddr, within: Duration) -> Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("nothing listens on {addr} after {within:?}");
-        }
-        sleep(Duration::from_millis(2)).await;
-    }
 }
 
 /// Resident memory of a process, in KiB (`VmRSS` in `/proc/PID/status`).

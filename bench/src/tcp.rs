@@ -1,5 +1,5 @@
-//! 1. tcp throughput with iperf3: direct, through a rig tcp edge (splice path, and the copy path
-//! forced by a no-op fault), and through HAProxy in tcp mode.
+//! Measurement 1, tcp throughput with iperf3: direct, through a rig tcp edge (splice path, and
+//! the copy path forced by a no-op fault), and through HAProxy in tcp mode.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -54,17 +54,36 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         );
         let ratio = rig / direct;
         rows.push(
-            Row::new(format!("tcp throughput, {streams} stream(s), no chaos (iperf3 -t {secs} -P {streams})"))
-                .rig(gbits(rig))
-                .baselines(format!("direct {}, HAProxy {}", gbits(direct), gbits(hap_bps)))
-                .ratio(format!("rig÷direct {ratio:.2} (HAProxy÷direct {:.2})", hap_bps / direct))
-                .target("rig÷direct ≥ 0.9", ratio >= 0.9),
+            Row::new(format!(
+                "tcp throughput, {streams} stream(s), no chaos (iperf3 -t {secs} -P {streams})"
+            ))
+            .rig(gbits(rig))
+            .baselines(format!(
+                "direct {}, HAProxy {}",
+                gbits(direct),
+                gbits(hap_bps)
+            ))
+            .ratio(format!(
+                "rig÷direct {ratio:.2} (HAProxy÷direct {:.2})",
+                hap_bps / direct
+            ))
+            .target("rig÷direct ≥ 0.9", ratio >= 0.9),
         );
         rows.push(
-            Row::new(format!("tcp throughput, {streams} stream(s), copy path (slow_close = \"0s\")"))
-                .rig(gbits(copy))
-                .baselines(format!("direct {}, rig splice {}", gbits(direct), gbits(rig)))
-                .ratio(format!("copy÷direct {:.2}, copy÷splice {:.2}", copy / direct, copy / rig)),
+            Row::new(format!(
+                "tcp throughput, {streams} stream(s), copy path (slow_close = \"0s\")"
+            ))
+            .rig(gbits(copy))
+            .baselines(format!(
+                "direct {}, rig splice {}",
+                gbits(direct),
+                gbits(rig)
+            ))
+            .ratio(format!(
+                "copy÷direct {:.2}, copy÷splice {:.2}",
+                copy / direct,
+                copy / rig
+            )),
         );
     }
     proxy.stop().await;

@@ -23,7 +23,9 @@ use serde_json::Value;
 
 use crate::client::{Client, DaemonAddr};
 
-pub use chaos::{ChaosSetArgs, EdgeArgs, has_fault, parse_header, read_chaos_file, set_chaos_request};
+pub use chaos::{
+    ChaosSetArgs, EdgeArgs, has_fault, parse_header, read_chaos_file, set_chaos_request,
+};
 pub use demo::{DemoArgs, demo, find_demo_spec};
 pub use render::*;
 pub use up::{UpArgs, state_dir, up_request};
@@ -54,7 +56,7 @@ impl FromStr for Token {
 
 /// rigctl: proxy the traffic between local services and inject chaos per edge.
 #[derive(Parser, Debug)]
-#[command(name = "rigctl", version, about, propagate_version = true)]
+#[command(name = "rigctl", version, propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,

@@ -195,12 +195,11 @@ impl Client {
     /// Connect now; [`ClientError::NoDaemon`] when nothing listens at `addr`.
     pub async fn connect(addr: &DaemonAddr, token: Option<&str>) -> Result<Client, ClientError> {
         let auth = BearerAuth::new(token)?;
-        let endpoint = Endpoint::from_shared(addr.http_base()).map_err(|e| {
-            ClientError::BadAddress {
+        let endpoint =
+            Endpoint::from_shared(addr.http_base()).map_err(|e| ClientError::BadAddress {
                 input: addr.to_string(),
                 reason: error_chain(&e),
-            }
-        })?;
+            })?;
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -317,8 +316,18 @@ mod tests {
         let c: DaemonAddr = "[::1]:7447".parse().unwrap();
         assert_eq!(c.host(), "::1");
         assert_eq!(c.to_string(), "[::1]:7447");
-        for bad in ["7447", "https://x:1", "x:port", ":1", "http://x:1/api", "x:70000"] {
-            assert!(bad.parse::<DaemonAddr>().is_err(), "{bad} should be rejected");
+        for bad in [
+            "7447",
+            "https://x:1",
+            "x:port",
+            ":1",
+            "http://x:1/api",
+            "x:70000",
+        ] {
+            assert!(
+                bad.parse::<DaemonAddr>().is_err(),
+                "{bad} should be rejected"
+            );
         }
     }
 
@@ -362,7 +371,10 @@ mod tests {
     fn rigd_messages_pass_through_and_auth_is_explained() {
         let addr: DaemonAddr = "127.0.0.1:1".parse().unwrap();
         let s = tonic::Status::invalid_argument("latency: invalid duration \"5xs\"");
-        assert_eq!(describe_status(&s, &addr), "latency: invalid duration \"5xs\"");
+        assert_eq!(
+            describe_status(&s, &addr),
+            "latency: invalid duration \"5xs\""
+        );
         let s = tonic::Status::unauthenticated("bad token");
         assert_eq!(
             describe_status(&s, &addr),

@@ -163,7 +163,11 @@ impl EventLog {
 
     /// The sequence number of the newest event (0 when none).
     pub fn last_seq(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_seq - 1
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_seq
+            - 1
     }
 }
 
@@ -186,7 +190,10 @@ mod tests {
         }
         let (replay, mut rx) = log.replay_and_follow(1);
         // "a" fell out of retention; 2..=4 remain.
-        assert_eq!(replay.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(
+            replay.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
         log.publish(ev("e"));
         assert_eq!(rx.recv().await.unwrap().seq, 5);
         assert_eq!(log.last_seq(), 5);

@@ -121,7 +121,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../chaos-presets/blackhole.toml"),
     ),
     ("chaos", include_str!("../../chaos-presets/chaos.toml")),
-    ("degraded", include_str!("../../chaos-presets/degraded.toml")),
+    (
+        "degraded",
+        include_str!("../../chaos-presets/degraded.toml"),
+    ),
     ("error", include_str!("../../chaos-presets/error.toml")),
     ("flaky", include_str!("../../chaos-presets/flaky.toml")),
     ("healthy", include_str!("../../chaos-presets/healthy.toml")),
@@ -164,8 +167,9 @@ pub fn find_builtin(name: &str) -> Option<Preset> {
 /// files are ignored; the first invalid preset fails the whole directory.
 pub fn load_dir(dir: &Path) -> Result<Vec<Preset>, PresetError> {
     let origin = dir.display().to_string();
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| PresetError::plain(&origin, format!("cannot read the preset directory: {e}")))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        PresetError::plain(&origin, format!("cannot read the preset directory: {e}"))
+    })?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| {
@@ -212,7 +216,9 @@ fn parse_from(name: &str, text: &str, origin: &str) -> Result<Preset, PresetErro
     let raw: RawPreset =
         toml::from_str(text).map_err(|e| PresetError::from(SpecError::from_toml(&src, &e)))?;
     if raw.description.trim().is_empty() {
-        return Err(SpecError::at(&src, &FieldPath::new(&["description"]), "must not be empty").into());
+        return Err(
+            SpecError::at(&src, &FieldPath::new(&["description"]), "must not be empty").into(),
+        );
     }
     let preset = Preset {
         name: name.to_owned(),

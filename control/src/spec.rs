@@ -151,16 +151,27 @@ impl SpecError {
 
     /// A toml error: its span gives the position and, through the tree, the field.
     pub(crate) fn from_toml(src: &Source, e: &toml::de::Error) -> Self {
-        let message = e.message().trim().to_owned();
+        let mut message = e.message().trim().to_owned();
         match e.span() {
             Some(span) => {
                 let pos = src.position(span.start);
                 let path = src.path_at(span.start);
+                let mut field = (!path.is_empty()).then(|| path.to_string());
+                if message == "duplicate key" {
+                    // toml says only "duplicate key", and the repeated key is not in the tree
+                    // (it failed to parse): name it from the text.
+                    if let Some(key) = src.text_at(span.clone()) {
+                        message = format!("duplicate key `{}`", key.trim().trim_matches('"'));
+                    }
+                    if field.is_none() {
+                        field = src.dotted_key_at(span.end).map(|p| p.to_string());
+                    }
+                }
                 SpecError {
                     origin: src.origin.clone(),
                     line: Some(pos.line),
                     column: Some(pos.column),
-                    field: (!path.is_empty()).then(|| path.to_string()),
+                    field,
                     message,
                 }
             }
@@ -270,7 +281,8 @@ pub struct Service {
     pub name: String,
     /// argv, non-empty; `${VAR}` references are not expanded yet.
     pub command: Vec<String>,
-    /// Resolved against the spec file's directory.
+    /// Resolved against the spec file's directory by [`load`] and [`parse_in_dir`]; as written
+    /// (minus `.` components) by [`parse`].
     pub cwd: Option<PathBuf>,
     pub env: BTreeMap<String, String>,
     pub stop_grace: Duration,
@@ -463,11 +475,21 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
     Ok(spec)
 }
 
-/// Validates spec text. `origin` names it in errors; it is also taken as the file's path, so
-/// `cwd`s resolve against its directory (pass the spec's real path when there is one).
-/// [`Spec::path`] is left `None`.
+/// Validates spec text. `origin` names it in errors (rigd gets the text over gRPC with the
+/// file's name). `cwd`s are left as written (relative ones relative to wherever the spec's
+/// directory is; see [`parse_in_dir`]), and [`Spec::path`] is `None`.
 pub fn parse(text: &str, format: Format, origin: &str) -> Result<Spec, SpecError> {
-    parse_in(text, format, origin, Path::new(origin).parent())
+    parse_in(text, format, origin, None)
+}
+
+/// [`parse`], with relative `cwd`s resolved against `dir` (the spec file's directory).
+pub fn parse_in_dir(
+    text: &str,
+    format: Format,
+    origin: &str,
+    dir: &Path,
+) -> Result<Spec, SpecError> {
+    parse_in(text, format, origin, Some(dir))
 }
 
 fn parse_in(
@@ -504,7 +526,7 @@ fn parse_in(
                     line: Some(pos.line),
                     column: Some(pos.column),
                     field: Some(path.to_string()),
-                    message: format!("duplicate key {key:?}"),
+                    message: format!("duplicate key `{key}`"),
                 });
             }
             (raw, src)
@@ -520,7 +542,8 @@ pub fn check_ports(spec: &Spec) -> Result<(), SpecError> {
         for ing in svc.ingresses.values() {
             let Some(port) = ing.port else { continue };
             if let Err(e) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
-                let field = FieldPath::new(&["services", &svc.name, "ingresses", &ing.name, "port"]);
+                let field =
+                    FieldPath::new(&["services", &svc.name, "ingresses", &ing.name, "port"]);
                 return Err(SpecError::at(
                     &spec.source.0,
                     &field,
@@ -575,12 +598,12 @@ fn build(raw: RawSpec, src: Source, base: Option<&Path>) -> Result<Spec, SpecErr
             let Some(port) = ing.port else { continue };
             let path = FieldPath::new(&["services", &svc.name, "ingresses", &ing.name, "port"]);
             if let Some(first) = ports.get(&port) {
-                return Err(err(
-                    path,
-                    format!("port {port} is also the fixed port of {first}"),
-                ));
+                return Err(err(path, format!("port {port} is also used by {first}")));
             }
-            ports.insert(port, path);
+            ports.insert(
+                port,
+                FieldPath::new(&["services", &svc.name, "ingresses", &ing.name]),
+            );
         }
     }
 
@@ -589,16 +612,8 @@ fn build(raw: RawSpec, src: Source, base: Option<&Path>) -> Result<Spec, SpecErr
     for (name, rs) in &raw.services {
         let mut egresses = BTreeMap::new();
         for (eg_name, re) in &rs.egresses {
-            let eg = build_egress(
-                name,
-                eg_name,
-                re,
-                &services,
-                &known,
-                env_observe,
-                raw.seed,
-            )
-            .map_err(|(p, m)| err(p, m))?;
+            let eg = build_egress(name, eg_name, re, &services, &known, env_observe, raw.seed)
+                .map_err(|(p, m)| err(p, m))?;
             egresses.insert(eg_name.clone(), eg);
         }
         if let Some(svc) = services.get_mut(name) {
@@ -704,10 +719,7 @@ fn build_service(name: &str, rs: &RawService, base: Option<&Path>) -> Result<Ser
 
 /// Drops `.` components, so `dir/./x` reads as `dir/x` in logs.
 fn clean(p: &Path) -> PathBuf {
-    let cleaned: PathBuf = p
-        .components()
-        .filter(|c| *c != Component::CurDir)
-        .collect();
+    let cleaned: PathBuf = p.components().filter(|c| *c != Component::CurDir).collect();
     if cleaned.as_os_str().is_empty() {
         PathBuf::from(".")
     } else {
@@ -865,11 +877,21 @@ fn build_egress(
         }
     };
 
+    let observe = re.observe.unwrap_or(env_observe);
     let mut chaos = re.chaos.clone().unwrap_or_default();
+    if !observe && !chaos.is_empty() {
+        return Err((
+            path.clone().key("chaos"),
+            "cannot apply: the egress is not observed (observe = false), so no proxy carries its traffic".to_owned(),
+        ));
+    }
     chaos.validate(ingress.protocol).map_err(|e| {
         (
             path.clone().key("chaos").dotted(&e.field),
-            format!("{} (the target ingress speaks {})", e.message, ingress.protocol),
+            format!(
+                "{} (the target ingress speaks {})",
+                e.message, ingress.protocol
+            ),
         )
     })?;
     if chaos.seed.is_none() {
@@ -881,7 +903,7 @@ fn build_egress(
         service: target.name.clone(),
         ingress: ingress.name.clone(),
         protocol: ingress.protocol,
-        observe: re.observe.unwrap_or(env_observe),
+        observe,
         chaos,
     })
 }
@@ -915,10 +937,7 @@ fn cycle(services: &BTreeMap<String, Service>, placed: &BTreeSet<&str>) -> Probl
     // Walk from the first unplaced service along egresses to unplaced targets until a service
     // repeats: the walk then has closed a cycle.
     let mut walk: Vec<(&str, &str)> = Vec::new(); // (service, egress taken)
-    let mut cur = services
-        .keys()
-        .map(String::as_str)
-        .find(|n| remaining(n));
+    let mut cur = services.keys().map(String::as_str).find(|n| remaining(n));
     while let Some(name) = cur {
         if let Some(pos) = walk.iter().position(|(s, _)| *s == name) {
             let mut cyc: Vec<(&str, &str)> = walk[pos..].to_vec();
@@ -1014,7 +1033,11 @@ fn missing_var(svc: &Service, var: &str) -> Option<String> {
         } else {
             format!(
                 "egresses: {}",
-                svc.egresses.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                svc.egresses
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         }
     };
@@ -1034,13 +1057,21 @@ fn missing_var(svc: &Service, var: &str) -> Option<String> {
     let (prefix, suffix) = ["_HOST", "_PORT", "_ADDR", "_URL"]
         .iter()
         .find_map(|s| var.strip_suffix(s).map(|p| (p, &s[1..])))?;
-    if let Some(eg) = svc.egresses.values().find(|e| env_prefix(&e.name) == prefix) {
+    if let Some(eg) = svc
+        .egresses
+        .values()
+        .find(|e| env_prefix(&e.name) == prefix)
+    {
         return Some(format!(
             "egress {:?} is {} ({prefix}_URL is set for http and grpc egresses only; use {prefix}_ADDR)",
             eg.name, eg.protocol
         ));
     }
-    if let Some(ing) = svc.ingresses.values().find(|i| env_prefix(&i.name) == prefix) {
+    if let Some(ing) = svc
+        .ingresses
+        .values()
+        .find(|i| env_prefix(&i.name) == prefix)
+    {
         let is_default = svc.default_ingress().map(|d| &d.name) == Some(&ing.name);
         return Some(if is_default {
             format!(

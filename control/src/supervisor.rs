@@ -239,7 +239,10 @@ impl Child {
     /// the state directory given to [`init`] (if any).
     ///
     /// Must be called inside a tokio runtime, which then supervises the child.
-    pub fn spawn(spec: ProcessSpec, logs: mpsc::UnboundedSender<LogLine>) -> Result<Child, SpawnError> {
+    pub fn spawn(
+        spec: ProcessSpec,
+        logs: mpsc::UnboundedSender<LogLine>,
+    ) -> Result<Child, SpawnError> {
         let state_dir = STATE_DIR
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -267,7 +270,9 @@ impl Child {
         let pid = child
             .id()
             .ok_or_else(|| start_error(io::Error::other("the child has no pid")))?;
-        let pgid = Pid::from_raw(i32::try_from(pid).map_err(|_| start_error(io::Error::other("pid out of range")))?);
+        let pgid = Pid::from_raw(
+            i32::try_from(pid).map_err(|_| start_error(io::Error::other("pid out of range")))?,
+        );
 
         let record = state_dir.and_then(|dir| {
             match ChildRecord::for_this_process(&spec.name, pid, pid).write(dir) {
@@ -283,10 +288,24 @@ impl Child {
         let recent = Arc::new(RecentLogs::new(RECENT_LOG_LINES));
         let mut pumps = Vec::with_capacity(2);
         if let Some(stdout) = child.stdout.take() {
-            pumps.push(spawn_pump(&handle, stdout, &spec.name, Stream::Stdout, &logs, &recent));
+            pumps.push(spawn_pump(
+                &handle,
+                stdout,
+                &spec.name,
+                Stream::Stdout,
+                &logs,
+                &recent,
+            ));
         }
         if let Some(stderr) = child.stderr.take() {
-            pumps.push(spawn_pump(&handle, stderr, &spec.name, Stream::Stderr, &logs, &recent));
+            pumps.push(spawn_pump(
+                &handle,
+                stderr,
+                &spec.name,
+                Stream::Stderr,
+                &logs,
+                &recent,
+            ));
         }
 
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -443,8 +462,11 @@ async fn clear_group(s: &Supervised) {
     if !procfs::group_alive(s.pgid) {
         return;
     }
-    let deadline = (*s.stop_deadline.lock().unwrap_or_else(PoisonError::into_inner))
-        .unwrap_or_else(|| Instant::now() + s.stop_grace);
+    let deadline = (*s
+        .stop_deadline
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner))
+    .unwrap_or_else(|| Instant::now() + s.stop_grace);
     debug!(service = %s.service, pgid = s.pgid.as_raw(), "child exited with its process group still running: SIGTERM");
     signal_group(&s.service, s.pgid, Signal::SIGTERM);
     if poll_group_gone(s.pgid, deadline).await {
@@ -466,14 +488,16 @@ async fn poll_group_gone(pgid: Pid, deadline: Instant) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        sleep(GROUP_POLL.min(deadline - Instant::now())).await;
+        sleep(GROUP_POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
 }
 
 fn signal_group(service: &str, pgid: Pid, signal: Signal) {
     match killpg(pgid, signal) {
         Ok(()) | Err(Errno::ESRCH) => {}
-        Err(e) => warn!(service, pgid = pgid.as_raw(), signal = signal.as_str(), error = %e, "cannot signal the process group"),
+        Err(e) => {
+            warn!(service, pgid = pgid.as_raw(), signal = signal.as_str(), error = %e, "cannot signal the process group")
+        }
     }
 }
 
@@ -484,8 +508,14 @@ mod tests {
     #[test]
     fn exit_info_reads_like_a_sentence() {
         assert_eq!(ExitInfo::Exited(1).to_string(), "exited with code 1");
-        assert_eq!(ExitInfo::Signaled(9).to_string(), "killed by signal 9 (SIGKILL)");
-        assert_eq!(ExitInfo::Signaled(15).to_string(), "killed by signal 15 (SIGTERM)");
+        assert_eq!(
+            ExitInfo::Signaled(9).to_string(),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(
+            ExitInfo::Signaled(15).to_string(),
+            "killed by signal 15 (SIGTERM)"
+        );
         assert_eq!(ExitInfo::Signaled(77).to_string(), "killed by signal 77");
         assert!(ExitInfo::Exited(0).success());
         assert!(!ExitInfo::Signaled(9).success());
@@ -494,7 +524,13 @@ mod tests {
     #[test]
     fn exit_info_from_a_raw_status() {
         use std::process::ExitStatus;
-        assert_eq!(ExitInfo::from(ExitStatus::from_raw(3 << 8)), ExitInfo::Exited(3));
-        assert_eq!(ExitInfo::from(ExitStatus::from_raw(9)), ExitInfo::Signaled(9));
+        assert_eq!(
+            ExitInfo::from(ExitStatus::from_raw(3 << 8)),
+            ExitInfo::Exited(3)
+        );
+        assert_eq!(
+            ExitInfo::from(ExitStatus::from_raw(9)),
+            ExitInfo::Signaled(9)
+        );
     }
 }

@@ -164,8 +164,8 @@ fn strings_pass_through_unvalidated_so_rigd_names_the_field() {
         Some("5xs".to_string())
     );
     // Only numbers are typed by clap: a non-number is a usage error (exit code 2).
-    let err = Cli::try_parse_from(["rigctl", "chaos", "set", "*", "--error-rate", "lots"])
-        .unwrap_err();
+    let err =
+        Cli::try_parse_from(["rigctl", "chaos", "set", "*", "--error-rate", "lots"]).unwrap_err();
     assert_eq!(err.exit_code(), 2);
     assert!(err.to_string().contains("--error-rate"), "{err}");
 }
@@ -205,8 +205,8 @@ fn headers_are_name_colon_value_and_repeatable() {
             ("X-Why".to_string(), "chaos: yes".to_string()),
         ])
     );
-    let err = Cli::try_parse_from(["rigctl", "chaos", "set", "--header", "Retry-After 2"])
-        .unwrap_err();
+    let err =
+        Cli::try_parse_from(["rigctl", "chaos", "set", "--header", "Retry-After 2"]).unwrap_err();
     assert_eq!(err.exit_code(), 2);
     assert!(err.to_string().contains("Name: value"), "{err}");
 }
@@ -240,7 +240,14 @@ fn for_and_ttl_set_the_ttl() {
 #[test]
 fn zero_edges_with_to_and_the_global_env() {
     let req = set_request(&[
-        "chaos", "set", "--to", "store", "--latency", "1s", "--env", "shop",
+        "chaos",
+        "set",
+        "--to",
+        "store",
+        "--latency",
+        "1s",
+        "--env",
+        "shop",
     ])
     .unwrap();
     assert_eq!(
@@ -287,20 +294,32 @@ fn from_file_is_the_base_and_flags_override_it() {
     // A file holding a spec-like `[chaos]` table works too.
     let wrapped = dir.join("wrapped.toml");
     std::fs::write(&wrapped, "[chaos]\nhang_rate = 0.5\n").unwrap();
-    let c = chaos_of(&["chaos", "set", "*", "--from-file", wrapped.to_str().unwrap()]);
+    let c = chaos_of(&[
+        "chaos",
+        "set",
+        "*",
+        "--from-file",
+        wrapped.to_str().unwrap(),
+    ]);
     assert_eq!(c.hang_rate, Some(0.5));
 
     // A misspelt key fails, naming the file, rather than silently injecting nothing.
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "latncy = \"50ms\"\n").unwrap();
-    let err = set_request(&["chaos", "set", "*", "--from-file", bad.to_str().unwrap()])
-        .unwrap_err();
+    let err =
+        set_request(&["chaos", "set", "*", "--from-file", bad.to_str().unwrap()]).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("bad.toml") && msg.contains("latncy"), "{msg}");
 
     let missing = dir.join("missing.toml");
-    let err = set_request(&["chaos", "set", "*", "--from-file", missing.to_str().unwrap()])
-        .unwrap_err();
+    let err = set_request(&[
+        "chaos",
+        "set",
+        "*",
+        "--from-file",
+        missing.to_str().unwrap(),
+    ])
+    .unwrap_err();
     assert!(format!("{err:#}").contains("missing.toml"), "{err:#}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -325,7 +344,15 @@ fn global_options_and_subcommands() {
     let err = Cli::try_parse_from(["rigctl", "--addr", "nowhere", "ls"]).unwrap_err();
     assert_eq!(err.exit_code(), 2);
 
-    let cli = parse(&["chaos", "preset", "apply", "flaky", "web/catalog", "--to", "catalog"]);
+    let cli = parse(&[
+        "chaos",
+        "preset",
+        "apply",
+        "flaky",
+        "web/catalog",
+        "--to",
+        "catalog",
+    ]);
     match cli.command {
         Command::Chaos(ChaosCommand::Preset(PresetCommand::Apply { name, target })) => {
             assert_eq!(name, "flaky");
@@ -345,8 +372,18 @@ fn global_options_and_subcommands() {
 #[test]
 fn events_and_logs_requests() {
     let cli = parse(&[
-        "events", "--follow", "--service", "web", "--type", "request.", "--type", "chaos.",
-        "--since", "41", "--env", "demo",
+        "events",
+        "--follow",
+        "--service",
+        "web",
+        "--type",
+        "request.",
+        "--type",
+        "chaos.",
+        "--since",
+        "41",
+        "--env",
+        "demo",
     ]);
     let Command::Events(args) = &cli.command else {
         panic!("{:?}", cli.command)
@@ -369,7 +406,10 @@ fn events_and_logs_requests() {
     };
     let req = logs_request(args, None);
     assert_eq!(req.types, vec!["service.log".to_string()]);
-    assert_eq!((req.service.as_str(), req.follow, req.after_seq), ("web", true, 0));
+    assert_eq!(
+        (req.service.as_str(), req.follow, req.after_seq),
+        ("web", true, 0)
+    );
 }
 
 #[test]
@@ -382,10 +422,7 @@ fn up_request_reads_the_file_and_names_it_on_errors() {
     assert_eq!(req.format, "toml");
     assert_eq!(req.origin, spec.display().to_string());
     assert!(PathBuf::from(&req.base_dir).is_absolute());
-    assert_eq!(
-        PathBuf::from(&req.base_dir),
-        dir.canonicalize().unwrap()
-    );
+    assert_eq!(PathBuf::from(&req.base_dir), dir.canonicalize().unwrap());
 
     let json = dir.join("shop.json");
     std::fs::write(&json, "{}").unwrap();
@@ -397,7 +434,10 @@ fn up_request_reads_the_file_and_names_it_on_errors() {
     assert!(err.contains("shop.yaml") && err.contains(".toml"), "{err}");
 
     let err = format!("{:#}", up_request(&dir.join("nope.toml")).unwrap_err());
-    assert!(err.contains("cannot read") && err.contains("nope.toml"), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("nope.toml"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -422,7 +462,9 @@ fn the_demo_spec_is_found_here_or_next_to_the_build() {
         repo.join("specs/demo.toml").canonicalize().unwrap()
     );
     // Nowhere: say where it looked and what to do.
-    let err = find_demo_spec(None, &elsewhere, None).unwrap_err().to_string();
+    let err = find_demo_spec(None, &elsewhere, None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("--spec"), "{err}");
     // --spec wins, and must exist.
     let own = elsewhere.join("mine.toml");
@@ -500,10 +542,13 @@ fn status_shows_services_and_edges_in_columns() {
     let out = render_status(&demo_status());
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "environment demo  up  specs/demo.toml");
-    assert_eq!(lines[2], "SERVICE  STATE                         PID   INGRESS");
+    assert_eq!(
+        lines[2],
+        "SERVICE  STATE                        PID   INGRESS"
+    );
     assert_eq!(
         lines[3],
-        "store    ready                         4242  tcp 127.0.0.1:41234"
+        "store    ready                        4242  tcp 127.0.0.1:41234"
     );
     assert_eq!(lines[4], "traffic  exited (exited with code 1)  -     -");
     assert_eq!(
@@ -520,7 +565,10 @@ fn status_shows_services_and_edges_in_columns() {
     );
 
     let v = status_json(&demo_status());
-    assert_eq!(v["services"][0]["ingresses"][0]["address"], "127.0.0.1:41234");
+    assert_eq!(
+        v["services"][0]["ingresses"][0]["address"],
+        "127.0.0.1:41234"
+    );
     assert_eq!(v["edges"][0]["chaos"], json!({ "latency": "200ms" }));
     assert_eq!(v["edges"][0]["chaos_version"], 3);
 }
@@ -530,8 +578,8 @@ fn env_list_counts_ready_services_and_age() {
     let out = render_env_list(&[demo_status()], 1_700_000_000.0 + 312.0);
     assert_eq!(
         out,
-        "NAME  STATE  SERVICES     EDGES  UP     ORIGIN\n\
-         demo  up     1/2 ready    2      5m12s  specs/demo.toml\n"
+        "NAME  STATE  SERVICES   EDGES  UP     ORIGIN\n\
+         demo  up     1/2 ready  2      5m12s  specs/demo.toml\n"
     );
     assert_eq!(render_env_list(&[], 0.0), "no environments running\n");
 }
@@ -582,7 +630,10 @@ fn progress_lines() {
         message: message.into(),
         ..Default::default()
     };
-    assert_eq!(render_progress(&p("starting", "store", "rig-demo store"), None), None);
+    assert_eq!(
+        render_progress(&p("starting", "store", "rig-demo store"), None),
+        None
+    );
     assert_eq!(
         render_progress(
             &p("ready", "store", "store ready (127.0.0.1:41234) 0.12s"),
@@ -595,11 +646,17 @@ fn progress_lines() {
         render_progress(&p("ready", "store", ""), Some(Duration::from_millis(120))).as_deref(),
         Some("✔ store ready 0.12s")
     );
-    let mut failed = p("failed", "web", "service web exited with code 1 before it was ready");
+    let mut failed = p(
+        "failed",
+        "web",
+        "service web exited with code 1 before it was ready",
+    );
     failed.last_logs = vec!["boot".into(), "panic: no config".into()];
     assert_eq!(
         render_progress(&failed, None).as_deref(),
-        Some("✖ web failed: exited with code 1 before it was ready\n    boot\n    panic: no config")
+        Some(
+            "✖ web failed: exited with code 1 before it was ready\n    boot\n    panic: no config"
+        )
     );
     assert_eq!(
         render_progress(&p("up", "", "demo is up"), None).as_deref(),
@@ -641,6 +698,29 @@ fn events_as_lines_and_json() {
         render_event(&ev),
         "12:00:01.123 #42 request.completed web/store GET /items/1 200 3.2ms"
     );
+    // rigd's request summaries leave the edge out; the line puts it in.
+    let mut bare = ev.clone();
+    bare.message = "GET /items/1 200 3.2ms".into();
+    assert_eq!(
+        render_event(&bare),
+        "12:00:01.123 #42 request.completed web/store GET /items/1 200 3.2ms"
+    );
+    let mut ready = event(
+        3,
+        "service.ready",
+        "",
+        "web ready (127.0.0.1:1) 0.01s",
+        json!({}),
+    );
+    assert_eq!(
+        render_event(&ready),
+        "12:00:01.123 #3 service.ready web ready (127.0.0.1:1) 0.01s"
+    );
+    ready.message = "listening".into();
+    assert_eq!(
+        render_event(&ready),
+        "12:00:01.123 #3 service.ready web listening"
+    );
     assert_eq!(
         event_json(&ev),
         json!({"seq": 42, "type": "request.completed", "time": 1_699_963_201.123,
@@ -648,7 +728,7 @@ fn events_as_lines_and_json() {
                "message": "web/store GET /items/1 200 3.2ms",
                "data": {"status": "200", "latency_seconds": 0.0032}})
     );
-    assert_eq!(format_clock(86_399.9994), "23:59:59.999");
+    assert_eq!(format_clock(86_399.999_4), "23:59:59.999");
     assert_eq!(format_clock(0.0), "00:00:00.000");
     assert_eq!(format_seconds(0.0032), "3.2ms");
     assert_eq!(format_seconds(0.000_85), "850µs");
@@ -658,7 +738,10 @@ fn events_as_lines_and_json() {
 #[test]
 fn log_prefixes_are_padded_and_coloured_only_when_asked() {
     let mut plain = LogPrefixer::new(["web", "catalog"], false);
-    assert_eq!(plain.line("web", "listening on :8080"), "web     | listening on :8080");
+    assert_eq!(
+        plain.line("web", "listening on :8080"),
+        "web     | listening on :8080"
+    );
     assert_eq!(plain.line("catalog", "ok"), "catalog | ok");
     let mut colour = LogPrefixer::new(["web", "catalog"], true);
     let web = colour.line("web", "x");
@@ -686,14 +769,26 @@ fn tally_counts_statuses_faults_and_the_median() {
             json!({"status": status, "latency_seconds": secs, "faults": faults}),
         ));
     }
-    t.record(&event(9, "request.failed", "web/catalog", "", json!({"error": "reset"})));
-    t.record(&event(10, "connection.opened", "web/catalog", "", json!({})));
+    t.record(&event(
+        9,
+        "request.failed",
+        "web/catalog",
+        "",
+        json!({"error": "reset"}),
+    ));
+    t.record(&event(
+        10,
+        "connection.opened",
+        "web/catalog",
+        "",
+        json!({}),
+    ));
     assert_eq!(t.requests("web/catalog"), 4);
     assert_eq!(t.faults("web/catalog", "error"), 1);
     assert_eq!(
         t.render(),
-        "EDGE         REQUESTS  FAILED  STATUSES       P50    FAULTS\n\
-         web/catalog  4         1       200×2 503×1    2.0ms  error×1\n"
+        "EDGE         REQUESTS  FAILED  STATUSES     P50    FAULTS\n\
+         web/catalog  4         1       200×2 503×1  2.0ms  error×1\n"
     );
     assert_eq!(Tally::new().render(), "no requests seen\n");
 }
@@ -771,10 +866,18 @@ impl pb::environments_server::Environments for FakeRigd {
         };
         let mut items = vec![
             Ok(step("store", "starting", "rig-demo store")),
-            Ok(step("store", "ready", "store ready (127.0.0.1:41234) 0.12s")),
+            Ok(step(
+                "store",
+                "ready",
+                "store ready (127.0.0.1:41234) 0.12s",
+            )),
         ];
         if fails {
-            let mut failed = step("web", "failed", "service web exited with code 1 before it was ready");
+            let mut failed = step(
+                "web",
+                "failed",
+                "service web exited with code 1 before it was ready",
+            );
             failed.last_logs = vec!["panic: no config".into()];
             items.push(Ok(failed));
             items.push(Err(Status::failed_precondition(
@@ -799,7 +902,10 @@ impl pb::environments_server::Environments for FakeRigd {
         }))
     }
 
-    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
         self.check(&req)?;
         Ok(Response::new(pb::ListResponse {
             environments: vec![demo_status()],
@@ -812,7 +918,9 @@ impl pb::environments_server::Environments for FakeRigd {
     ) -> Result<Response<pb::EnvironmentStatus>, Status> {
         self.check(&req)?;
         if req.get_ref().env == "nope" {
-            return Err(Status::not_found("no environment named \"nope\" (running: demo)"));
+            return Err(Status::not_found(
+                "no environment named \"nope\" (running: demo)",
+            ));
         }
         Ok(Response::new(demo_status()))
     }
@@ -889,7 +997,9 @@ async fn fake_rigd() -> (String, FakeRigd) {
     let addr = listener.local_addr().unwrap();
     let fake = FakeRigd::default();
     let server = tonic::transport::Server::builder()
-        .add_service(pb::environments_server::EnvironmentsServer::new(fake.clone()))
+        .add_service(pb::environments_server::EnvironmentsServer::new(
+            fake.clone(),
+        ))
         .add_service(pb::chaos_server::ChaosServer::new(fake.clone()))
         .serve_with_incoming(TcpListenerStream::new(listener));
     tokio::spawn(server);
@@ -967,7 +1077,10 @@ async fn the_token_is_sent_and_a_wrong_one_is_explained() {
     let seen = fake.seen.lock().unwrap();
     assert_eq!(
         seen.auth,
-        vec![Some(format!("Bearer {TOKEN}")), Some("Bearer wrong".to_string())]
+        vec![
+            Some(format!("Bearer {TOKEN}")),
+            Some("Bearer wrong".to_string())
+        ]
     );
 }
 
@@ -975,8 +1088,19 @@ async fn the_token_is_sent_and_a_wrong_one_is_explained() {
 async fn chaos_set_prints_each_edge_and_rigd_errors_verbatim() {
     let (addr, fake) = fake_rigd().await;
     let out = rigctl(&[
-        "--addr", &addr, "--token", TOKEN, "--env", "demo", "chaos", "set", "web/store",
-        "--latency", "200ms", "--header", "Retry-After: 2",
+        "--addr",
+        &addr,
+        "--token",
+        TOKEN,
+        "--env",
+        "demo",
+        "chaos",
+        "set",
+        "web/store",
+        "--latency",
+        "200ms",
+        "--header",
+        "Retry-After: 2",
     ])
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -989,13 +1113,26 @@ async fn chaos_set_prints_each_edge_and_rigd_errors_verbatim() {
         let req = seen.set.last().unwrap();
         assert_eq!(req.selector.as_ref().unwrap().env, "demo");
         assert_eq!(
-            req.chaos.as_ref().unwrap().headers.get("Retry-After").map(String::as_str),
+            req.chaos
+                .as_ref()
+                .unwrap()
+                .headers
+                .get("Retry-After")
+                .map(String::as_str),
             Some("2")
         );
     }
 
     let out = rigctl(&[
-        "--addr", &addr, "--token", TOKEN, "chaos", "set", "web/store", "--latency", "5xs",
+        "--addr",
+        &addr,
+        "--token",
+        TOKEN,
+        "chaos",
+        "set",
+        "web/store",
+        "--latency",
+        "5xs",
     ])
     .await;
     assert_eq!(out.status.code(), Some(1));
@@ -1027,8 +1164,16 @@ async fn up_detached_prints_progress_then_the_summary() {
     let dir = temp_dir("up-bin");
     let ok = dir.join("demo.toml");
     std::fs::write(&ok, "name = \"demo\"\n").unwrap();
-    let out = rigctl(&["--addr", &addr, "--token", TOKEN, "up", "--detach", ok.to_str().unwrap()])
-        .await;
+    let out = rigctl(&[
+        "--addr",
+        &addr,
+        "--token",
+        TOKEN,
+        "up",
+        "--detach",
+        ok.to_str().unwrap(),
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
@@ -1040,8 +1185,16 @@ async fn up_detached_prints_progress_then_the_summary() {
     // A service that fails: its logs once, the reason as the error, exit code 1.
     let bad = dir.join("fail.toml");
     std::fs::write(&bad, "name = \"fail\"\n").unwrap();
-    let out = rigctl(&["--addr", &addr, "--token", TOKEN, "up", "-d", bad.to_str().unwrap()])
-        .await;
+    let out = rigctl(&[
+        "--addr",
+        &addr,
+        "--token",
+        TOKEN,
+        "up",
+        "-d",
+        bad.to_str().unwrap(),
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stdout).ends_with(

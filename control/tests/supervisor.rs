@@ -9,6 +9,9 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
 use rig_control::supervisor::{
     Child, ChildRecord, ExitInfo, LogLine, MAX_LINE_BYTES, ProcessSpec, RECENT_LOG_LINES,
     SpawnError, Stream, init, sweep_orphans,
@@ -48,7 +51,10 @@ fn gone(pid: u32) -> bool {
 async fn wait_gone(pid: u32, what: &str) {
     let deadline = Instant::now() + WAIT;
     while !gone(pid) {
-        assert!(Instant::now() < deadline, "{what} (pid {pid}) still running");
+        assert!(
+            Instant::now() < deadline,
+            "{what} (pid {pid}) still running"
+        );
         sleep(Duration::from_millis(20)).await;
     }
 }
@@ -111,7 +117,10 @@ async fn output_of_both_streams_arrives_and_stop_terminates_with_sigterm() {
     let info = child.stop().await;
     assert_eq!(info, ExitInfo::Signaled(15));
     assert_eq!(info.to_string(), "killed by signal 15 (SIGTERM)");
-    assert!(started.elapsed() < Duration::from_secs(10), "stopped within the grace period");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped within the grace period"
+    );
     assert_eq!(child.try_exit(), Some(info));
     assert!(gone(child.pid()));
 }
@@ -122,14 +131,21 @@ async fn a_child_ignoring_sigterm_is_killed_after_the_grace_period() {
     let mut spec = sh("stubborn", "trap '' TERM; echo ready; sleep 30");
     spec.stop_grace = Duration::from_millis(300);
     let child = Child::spawn(spec, tx).expect("spawn");
-    assert_eq!(recv_line(&mut rx).await.line, "ready", "TERM is ignored from here on");
+    assert_eq!(
+        recv_line(&mut rx).await.line,
+        "ready",
+        "TERM is ignored from here on"
+    );
 
     let started = Instant::now();
     let info = child.stop().await;
     let took = started.elapsed();
     assert_eq!(info, ExitInfo::Signaled(9));
     assert_eq!(info.to_string(), "killed by signal 9 (SIGKILL)");
-    assert!(took >= Duration::from_millis(300), "waited the grace period first, took {took:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited the grace period first, took {took:?}"
+    );
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert!(gone(child.pid()));
 }
@@ -150,7 +166,10 @@ async fn when_a_child_exits_the_rest_of_its_group_is_stopped() {
     let (tx, mut rx) = unbounded_channel();
     let child = Child::spawn(sh("leaver", "sleep 30 & echo $!"), tx).expect("spawn");
     let grandchild: u32 = recv_line(&mut rx).await.line.parse().expect("pid printed");
-    assert_eq!(timeout(WAIT, child.wait_exit()).await.expect("exits"), ExitInfo::Exited(0));
+    assert_eq!(
+        timeout(WAIT, child.wait_exit()).await.expect("exits"),
+        ExitInfo::Exited(0)
+    );
     // wait_exit resolves only once the group is gone.
     assert!(gone(grandchild), "grandchild left behind");
 }
@@ -170,9 +189,11 @@ async fn dropping_a_running_child_kills_its_group() {
 async fn wait_exit_reports_the_exit_code_to_every_waiter() {
     let (tx, _rx) = unbounded_channel();
     let child = Child::spawn(sh("failing", "exit 3"), tx).expect("spawn");
-    let (a, b) = timeout(WAIT, async { tokio::join!(child.wait_exit(), child.wait_exit()) })
-        .await
-        .expect("exits");
+    let (a, b) = timeout(WAIT, async {
+        tokio::join!(child.wait_exit(), child.wait_exit())
+    })
+    .await
+    .expect("exits");
     assert_eq!((a, b), (ExitInfo::Exited(3), ExitInfo::Exited(3)));
     assert_eq!(a.to_string(), "exited with code 3");
     assert_eq!(child.try_exit(), Some(ExitInfo::Exited(3)));
@@ -196,8 +217,11 @@ async fn concurrent_stops_agree() {
 #[tokio::test]
 async fn a_missing_program_is_an_error_naming_service_and_program() {
     let (tx, _rx) = unbounded_channel();
-    let err = Child::spawn(ProcessSpec::new("web", ["rig-dem-no-such-program"]), tx.clone())
-        .expect_err("nothing to run");
+    let err = Child::spawn(
+        ProcessSpec::new("web", ["rig-dem-no-such-program"]),
+        tx.clone(),
+    )
+    .expect_err("nothing to run");
     assert!(matches!(err, SpawnError::NotFound { .. }), "{err:?}");
     let message = err.to_string();
     assert!(
@@ -206,11 +230,24 @@ async fn a_missing_program_is_an_error_naming_service_and_program() {
         ),
         "{message}"
     );
-    let exe_dir = std::env::current_exe().expect("exe").parent().expect("dir").display().to_string();
-    assert!(message.contains(&exe_dir), "PATH searched includes the executable's directory: {message}");
+    let exe_dir = std::env::current_exe()
+        .expect("exe")
+        .parent()
+        .expect("dir")
+        .display()
+        .to_string();
+    assert!(
+        message.contains(&exe_dir),
+        "PATH searched includes the executable's directory: {message}"
+    );
 
-    let err = Child::spawn(ProcessSpec::new("api", ["./no/such/file"]), tx.clone()).expect_err("missing");
-    assert!(err.to_string().starts_with("service api: cannot start \"./no/such/file\": "), "{err}");
+    let err =
+        Child::spawn(ProcessSpec::new("api", ["./no/such/file"]), tx.clone()).expect_err("missing");
+    assert!(
+        err.to_string()
+            .starts_with("service api: cannot start \"./no/such/file\": "),
+        "{err}"
+    );
 
     let err = Child::spawn(ProcessSpec::new("none", Vec::<String>::new()), tx).expect_err("empty");
     assert_eq!(err.to_string(), "service none: empty command line");
@@ -223,7 +260,11 @@ async fn a_bad_working_directory_is_an_error() {
     spec.cwd = Some("/nonexistent/rig-supervisor".into());
     let err = Child::spawn(spec, tx).expect_err("no such cwd");
     assert!(matches!(err, SpawnError::Cwd { .. }), "{err:?}");
-    assert!(err.to_string().starts_with("service lost: cannot use working directory"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("service lost: cannot use working directory"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -231,11 +272,17 @@ async fn recent_logs_keeps_the_tail_of_both_streams() {
     let (tx, mut rx) = unbounded_channel();
     let script = "i=0; while [ $i -lt 200 ]; do echo line $i; i=$((i+1)); done; echo done >&2";
     let child = Child::spawn(sh("chatty", script), tx).expect("spawn");
-    assert_eq!(timeout(WAIT, child.wait_exit()).await.expect("exits"), ExitInfo::Exited(0));
+    assert_eq!(
+        timeout(WAIT, child.wait_exit()).await.expect("exits"),
+        ExitInfo::Exited(0)
+    );
 
     let recent = child.recent_logs();
     assert_eq!(recent.len(), RECENT_LOG_LINES);
-    let expected: Vec<String> = (151..200).map(|i| format!("line {i}")).chain(["done".to_owned()]).collect();
+    let expected: Vec<String> = (151..200)
+        .map(|i| format!("line {i}"))
+        .chain(["done".to_owned()])
+        .collect();
     let got: Vec<String> = recent.iter().map(|l| l.line.clone()).collect();
     assert_eq!(got, expected);
     assert_eq!(recent.last().map(|l| l.stream), Some(Stream::Stderr));
@@ -271,28 +318,51 @@ async fn environment_is_inherited_then_extended_and_path_starts_with_the_exe_dir
     spec.env.insert("PATH".into(), "/usr/bin:/bin".into());
     let child = Child::spawn(spec, tx).expect("spawn");
     assert_eq!(recv_line(&mut rx).await.line, "hi there");
-    assert_eq!(recv_line(&mut rx).await.line, std::env::var("HOME").unwrap_or_default());
-    let exe_dir = std::env::current_exe().expect("exe").parent().expect("dir").display().to_string();
-    assert_eq!(recv_line(&mut rx).await.line, format!("{exe_dir}:/usr/bin:/bin"));
-    assert_eq!(timeout(WAIT, child.wait_exit()).await.expect("exits"), ExitInfo::Exited(0));
+    assert_eq!(
+        recv_line(&mut rx).await.line,
+        std::env::var("HOME").unwrap_or_default()
+    );
+    let exe_dir = std::env::current_exe()
+        .expect("exe")
+        .parent()
+        .expect("dir")
+        .display()
+        .to_string();
+    assert_eq!(
+        recv_line(&mut rx).await.line,
+        format!("{exe_dir}:/usr/bin:/bin")
+    );
+    assert_eq!(
+        timeout(WAIT, child.wait_exit()).await.expect("exits"),
+        ExitInfo::Exited(0)
+    );
 }
 
 #[tokio::test]
 async fn a_program_next_to_the_executable_is_found_without_path() {
     // This test binary stands for `rig-demo` built next to `rigd`.
     let exe = std::env::current_exe().expect("exe");
-    let name = exe.file_name().expect("file name").to_string_lossy().into_owned();
+    let name = exe
+        .file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned();
     let (tx, mut rx) = unbounded_channel();
     let mut spec = ProcessSpec::new("self", [name.as_str(), "--list"]);
     spec.env.insert("PATH".into(), "/nonexistent".into());
     let child = Child::spawn(spec, tx).expect("found next to the executable");
-    assert_eq!(timeout(WAIT, child.wait_exit()).await.expect("exits"), ExitInfo::Exited(0));
+    assert_eq!(
+        timeout(WAIT, child.wait_exit()).await.expect("exits"),
+        ExitInfo::Exited(0)
+    );
     let mut listed = Vec::new();
     while let Ok(line) = rx.try_recv() {
         listed.push(line.line);
     }
     assert!(
-        listed.iter().any(|l| l == "a_program_next_to_the_executable_is_found_without_path: test"),
+        listed
+            .iter()
+            .any(|l| l == "a_program_next_to_the_executable_is_found_without_path: test"),
         "{listed:?}"
     );
 }
@@ -310,15 +380,22 @@ async fn a_relative_program_resolves_against_the_working_directory() {
     spec.cwd = Some(dir.path().to_path_buf());
     let child = Child::spawn(spec, tx).expect("spawn");
     let real = fs::canonicalize(dir.path()).expect("canonical");
-    assert_eq!(recv_line(&mut rx).await.line, format!("ran in {}", real.display()));
-    assert_eq!(timeout(WAIT, child.wait_exit()).await.expect("exits"), ExitInfo::Exited(0));
+    assert_eq!(
+        recv_line(&mut rx).await.line,
+        format!("ran in {}", real.display())
+    );
+    assert_eq!(
+        timeout(WAIT, child.wait_exit()).await.expect("exits"),
+        ExitInfo::Exited(0)
+    );
 }
 
 #[tokio::test]
 async fn a_record_exists_while_the_child_runs() {
     let dir = TempDir::new("record");
     let (tx, mut rx) = unbounded_channel();
-    let child = Child::spawn_recorded(sh("db", "echo up; sleep 30"), tx, Some(dir.path())).expect("spawn");
+    let child =
+        Child::spawn_recorded(sh("db", "echo up; sleep 30"), tx, Some(dir.path())).expect("spawn");
     recv_line(&mut rx).await;
     let records = records_in(dir.path());
     assert_eq!(records.len(), 1, "{records:?}");
@@ -330,7 +407,11 @@ async fn a_record_exists_while_the_child_runs() {
     assert_ne!(record.child_start, 0);
 
     child.stop().await;
-    assert_eq!(records_in(dir.path()), Vec::<PathBuf>::new(), "record removed after stop");
+    assert_eq!(
+        records_in(dir.path()),
+        Vec::<PathBuf>::new(),
+        "record removed after stop"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,6 +431,14 @@ async fn a_child_outlives_the_thread_that_spawned_it() {
     assert!(waited.is_err(), "child died with the thread: {waited:?}");
     assert!(!gone(child.pid()));
     child.stop().await;
+}
+
+struct SweepOnDrop<'a>(&'a Path);
+
+impl Drop for SweepOnDrop<'_> {
+    fn drop(&mut self) {
+        sweep_orphans(self.0);
+    }
 }
 
 const HELPER_ENV: &str = "RIG_SUPERVISOR_TEST_HELPER_STATE_DIR";
@@ -374,8 +463,16 @@ async fn death_signal_helper() {
 #[tokio::test]
 async fn sigkilled_rigd_takes_its_children_along_and_the_sweep_gets_the_rest() {
     let dir = TempDir::new("death");
+    // Should an assertion fail, still take down what the helper left.
+    let _sweep = SweepOnDrop(dir.path());
     let mut helper = tokio::process::Command::new(std::env::current_exe().expect("exe"))
-        .args(["death_signal_helper", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "death_signal_helper",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(HELPER_ENV, dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -386,9 +483,13 @@ async fn sigkilled_rigd_takes_its_children_along_and_the_sweep_gets_the_rest() {
     let mut lines = BufReader::new(helper.stdout.take().expect("piped")).lines();
     let (child, grandchild) = timeout(WAIT, async {
         while let Some(line) = lines.next_line().await.expect("read helper output") {
-            if let Some(pids) = line.strip_prefix("PIDS ") {
+            // libtest prints "test death_signal_helper ... " without a newline first.
+            if let Some((_, pids)) = line.split_once("PIDS ") {
                 let (a, b) = pids.split_once(' ').expect("two pids");
-                return (a.parse::<u32>().expect("pid"), b.parse::<u32>().expect("pid"));
+                return (
+                    a.parse::<u32>().expect("pid"),
+                    b.parse::<u32>().expect("pid"),
+                );
             }
         }
         panic!("helper ended without printing pids");
@@ -409,7 +510,10 @@ async fn sigkilled_rigd_takes_its_children_along_and_the_sweep_gets_the_rest() {
 
     wait_gone(child, "child of a SIGKILLed rigd").await;
     // The death signal reaches only the direct child...
-    assert!(!gone(grandchild), "grandchild should have survived until the sweep");
+    assert!(
+        !gone(grandchild),
+        "grandchild should have survived until the sweep"
+    );
     // ...the next rigd's sweep gets the rest.
     assert_eq!(sweep_orphans(dir.path()), 1);
     wait_gone(grandchild, "grandchild after the sweep").await;
@@ -417,23 +521,41 @@ async fn sigkilled_rigd_takes_its_children_along_and_the_sweep_gets_the_rest() {
     assert_eq!(sweep_orphans(dir.path()), 0, "nothing left to sweep");
 }
 
-/// Starts `script` in its own process group, not supervised (as if by a rigd
-/// that is gone).
-fn stray_group(script: &str) -> std::process::Child {
-    std::process::Command::new("sh")
-        .args(["-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .expect("spawn stray")
+/// A process group started without supervision (as if by a rigd that is
+/// gone); SIGKILLed when dropped, so a failing test leaves nothing behind.
+struct StrayGroup(std::process::Child);
+
+impl StrayGroup {
+    fn start(script: &str) -> StrayGroup {
+        let child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("spawn stray");
+        StrayGroup(child)
+    }
+
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
 }
 
-async fn wait_killed(child: &mut std::process::Child, what: &str) {
+impl Drop for StrayGroup {
+    fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.0.id()) {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_killed(group: &mut StrayGroup, what: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
+        if let Some(status) = group.0.try_wait().expect("try_wait") {
             assert_eq!(status.signal(), Some(9), "{what}: {status:?}");
             return;
         }
@@ -448,20 +570,22 @@ async fn sweep_kills_only_groups_of_a_rigd_that_is_gone() {
     let state = dir.path();
 
     // A pid that no longer runs, as the recorded rigd.
-    let mut exited = std::process::Command::new("true").spawn().expect("spawn true");
+    let mut exited = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
     let dead_rigd = exited.id();
     exited.wait().expect("reap true");
 
-    let mut orphan = stray_group("sleep 30");
+    let mut orphan = StrayGroup::start("sleep 30");
     let mut record = ChildRecord::for_this_process("orphan", orphan.id(), orphan.id());
     record.rigd_pid = dead_rigd;
     record.write(state).expect("write record");
 
     // Our own pid, but another start time: a recycled pid, not the rigd that
     // wrote the record.
-    let mut recycled = stray_group("sleep 30 & echo $!; wait");
+    let mut recycled = StrayGroup::start("sleep 30 & echo $!; wait");
     let grandchild: u32 = {
-        let mut out = std::io::BufReader::new(recycled.stdout.take().expect("piped"));
+        let mut out = std::io::BufReader::new(recycled.0.stdout.take().expect("piped"));
         let mut line = String::new();
         std::io::BufRead::read_line(&mut out, &mut line).expect("read pid");
         line.trim().parse().expect("pid")
@@ -471,7 +595,7 @@ async fn sweep_kills_only_groups_of_a_rigd_that_is_gone() {
     record.write(state).expect("write record");
 
     // Recorded by this (running) process: not an orphan.
-    let mut alive = stray_group("sleep 30");
+    let mut alive = StrayGroup::start("sleep 30");
     let alive_record = ChildRecord::for_this_process("alive", alive.id(), alive.id())
         .write(state)
         .expect("write record");
@@ -484,12 +608,15 @@ async fn sweep_kills_only_groups_of_a_rigd_that_is_gone() {
     wait_killed(&mut recycled, "orphan of a recycled rigd pid").await;
     wait_gone(grandchild, "grandchild in an orphaned group").await;
 
-    assert_eq!(alive.try_wait().expect("try_wait"), None, "a running rigd's child is left alone");
+    assert_eq!(
+        alive.0.try_wait().expect("try_wait"),
+        None,
+        "a running rigd's child is left alone"
+    );
     assert_eq!(records_in(state), vec![alive_record]);
     assert!(state.join("notes.txt").exists());
     assert_eq!(sweep_orphans(state), 0);
 
-    alive.kill().expect("kill");
-    alive.wait().expect("reap");
+    drop(alive);
     assert_eq!(sweep_orphans(&state.join("missing")), 0);
 }

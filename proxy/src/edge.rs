@@ -397,7 +397,13 @@ impl Edge {
         let protocol = config.info.protocol;
         let info = Arc::new(config.info);
         let metrics = EdgeMetrics::new(&info);
-        let cell = PolicyCell::new(protocol, config.chaos, info.clone(), events.clone(), metrics.clone())?;
+        let cell = PolicyCell::new(
+            protocol,
+            config.chaos,
+            info.clone(),
+            events.clone(),
+            metrics.clone(),
+        )?;
         let ctx = Arc::new(EdgeCtx {
             info,
             target: config.target,

@@ -27,8 +27,8 @@ mod respond;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -44,11 +44,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::edge::{Active, EdgeCtx, Limiters, hold};
+use crate::edge::{Active, EdgeCtx, hold};
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
-use crate::policy::{BandwidthFault, ChaosPolicy, HangThen, PartitionMode};
+use crate::policy::{ChaosPolicy, HangThen, PartitionMode};
 
-use body::{Dir, DownBody, LimiterRef, Obs, Throttle, UpBody};
+use body::{ConnLimiters, Dir, DownBody, Obs, Throttle, UpBody};
 use respond::Rescue;
 
 /// How long open connections may finish their requests once the edge stops.
@@ -121,8 +121,12 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
         if let Err(e) = stream.set_nodelay(true) {
             debug!(edge = %ctx.info.edge, error = %e, "cannot set TCP_NODELAY");
         }
-        ctx.tracker
-            .spawn(serve_connection(proxy.clone(), builder.clone(), stream, peer));
+        ctx.tracker.spawn(serve_connection(
+            proxy.clone(),
+            builder.clone(),
+            stream,
+            peer,
+        ));
     }
     debug!(edge = %ctx.info.edge, "http edge stopped accepting");
 }
@@ -132,22 +136,7 @@ struct ConnState {
     id: u64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
-    /// Limiters of a per-connection bandwidth policy, with the policy version they belong to.
-    limiters: Mutex<Option<(u64, Arc<Limiters>)>>,
-}
-
-impl ConnState {
-    fn limiters(&self, version: u64, bw: &BandwidthFault) -> Arc<Limiters> {
-        let mut g = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((v, l)) = &*g
-            && *v == version
-        {
-            return l.clone();
-        }
-        let l = Arc::new(Limiters::new(bw));
-        *g = Some((version, l.clone()));
-        l
-    }
+    limiters: Arc<ConnLimiters>,
 }
 
 async fn serve_connection(
@@ -161,7 +150,7 @@ async fn serve_connection(
         id: ctx.next_id(),
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
-        limiters: Mutex::new(None),
+        limiters: Arc::default(),
     });
     let opened = Instant::now();
     ctx.metrics.connection_opened();
@@ -284,9 +273,10 @@ impl Proxy {
         // A socket address always makes a valid authority.
         let authority = Authority::try_from(ctx.target.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
-        let default_error_body = serde_json::json!({"error": "injected by rig", "edge": ctx.info.edge})
-            .to_string()
-            .into();
+        let default_error_body =
+            serde_json::json!({"error": "injected by rig", "edge": ctx.info.edge})
+                .to_string()
+                .into();
         Proxy {
             grpc: ctx.info.protocol == crate::policy::Protocol::Grpc,
             ctx,
@@ -391,15 +381,10 @@ impl Proxy {
                 return Decision::Close("edge shutting down");
             }
         }
-        if let Some(bw) = p.bandwidth {
+        if p.bandwidth.is_some() {
             self.inject(obs, FaultKind::Bandwidth);
-            let lim = if bw.per_connection {
-                LimiterRef::Conn(conn.limiters(version, &bw))
-            } else {
-                LimiterRef::Edge(active.clone())
-            };
-            plan.up = Throttle::new(lim.clone(), Dir::Up);
-            plan.down = Throttle::new(lim, Dir::Down);
+            plan.up = Throttle::new(&self.ctx, &conn.limiters, Dir::Up);
+            plan.down = Throttle::new(&self.ctx, &conn.limiters, Dir::Down);
         }
         Decision::Forward(plan)
     }
@@ -425,9 +410,18 @@ impl Proxy {
             Version::HTTP_10 => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
-        let body = UpBody::new(body, plan.up, self.ctx.metrics.clone(), obs.request_counter());
+        let body = UpBody::new(
+            body,
+            plan.up,
+            self.ctx.metrics.clone(),
+            obs.request_counter(),
+        );
         let req = Request::from_parts(parts, body);
-        let sent = if h2 { self.h2.request(req) } else { self.h1.request(req) };
+        let sent = if h2 {
+            self.h2.request(req)
+        } else {
+            self.h1.request(req)
+        };
         let resp = match sent.await {
             Ok(r) => r,
             Err(e) => return Ok(self.respond(Rescue::Upstream(e), None, obs)),
@@ -444,7 +438,10 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         obs.response_head(parts.status, &parts.headers);
-        Ok(Response::from_parts(parts, DownBody::upstream(body, plan.down, obs)))
+        Ok(Response::from_parts(
+            parts,
+            DownBody::upstream(body, plan.down, obs),
+        ))
     }
 
     /// The request's path and query on the target.

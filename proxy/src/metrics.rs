@@ -34,18 +34,34 @@ pub const POLICY_VERSION: &str = "rig_edge_policy_version";
 /// Register names, units and help texts with the installed recorder. Call once at start-up.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(REQUESTS_TOTAL, "HTTP/gRPC requests answered through an edge, by status");
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "HTTP/gRPC requests answered through an edge, by status"
+    );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
         "Request latency through an edge, as the client sees it"
     );
-    describe_counter!(BYTES_TOTAL, Unit::Bytes, "Bytes relayed through an edge, by direction");
+    describe_counter!(
+        BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes relayed through an edge, by direction"
+    );
     describe_counter!(CONNECTIONS_TOTAL, "Connections accepted by an edge proxy");
     describe_gauge!(CONNECTIONS_OPEN, "Connections open through an edge proxy");
-    describe_counter!(FAULTS_INJECTED_TOTAL, "Faults injected by an edge proxy, by kind");
-    describe_counter!(UPSTREAM_ERRORS_TOTAL, "Failures to reach or talk to an edge's target");
-    describe_gauge!(POLICY_VERSION, "Version of the chaos policy in force on an edge");
+    describe_counter!(
+        FAULTS_INJECTED_TOTAL,
+        "Faults injected by an edge proxy, by kind"
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS_TOTAL,
+        "Failures to reach or talk to an edge's target"
+    );
+    describe_gauge!(
+        POLICY_VERSION,
+        "Version of the chaos policy in force on an edge"
+    );
 }
 
 /// Handles for one edge, built once so the hot path does no label work.
@@ -101,7 +117,11 @@ impl EdgeMetrics {
     /// A request was answered with `status` (HTTP status or gRPC code name) after `secs`.
     pub fn request(&self, status: &str, secs: f64) {
         self.inner.duration.record(secs);
-        let mut map = self.inner.by_status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .inner
+            .by_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(status) {
             c.increment(1);
             return;
@@ -114,7 +134,11 @@ impl EdgeMetrics {
     }
 
     pub fn fault(&self, kind: FaultKind) {
-        let mut map = self.inner.by_fault.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .inner
+            .by_fault
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         map.entry(kind)
             .or_insert_with(|| {
                 let mut l = self.inner.labels.clone();

@@ -113,7 +113,9 @@ impl FromStr for HumanDuration {
         }
         humantime::parse_duration(t)
             .map(HumanDuration)
-            .map_err(|e| format!("invalid duration {s:?}: {e} (examples: \"50ms\", \"1.5s\", \"2m\")"))
+            .map_err(|e| {
+                format!("invalid duration {s:?}: {e} (examples: \"50ms\", \"1.5s\", \"2m\")")
+            })
     }
 }
 
@@ -140,9 +142,9 @@ impl fmt::Display for HumanDuration {
         if d.is_zero() {
             return f.write_str("0s");
         }
-        if d.subsec_nanos() % 1_000_000 == 0 {
+        if d.subsec_nanos().is_multiple_of(1_000_000) {
             let ms = d.as_millis();
-            if ms % 1000 == 0 {
+            if ms.is_multiple_of(1000) {
                 return write!(f, "{}s", ms / 1000);
             }
             return write!(f, "{ms}ms");
@@ -223,8 +225,9 @@ impl Status {
 impl<'de> Deserialize<'de> for Status {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = i64::deserialize(d)?;
-        let v = u32::try_from(v)
-            .map_err(|_| serde::de::Error::custom(format!("http status must be between 100 and 599, got {v}")))?;
+        let v = u32::try_from(v).map_err(|_| {
+            serde::de::Error::custom(format!("http status must be between 100 and 599, got {v}"))
+        })?;
         Status::new(v).map_err(serde::de::Error::custom)
     }
 }
@@ -243,9 +246,9 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit such as KiB or MB"))?;
+    let num: f64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional unit such as KiB or MB")
+    })?;
     let mult: f64 = match unit.trim() {
         "" | "B" | "b" => 1.0,
         "K" | "KB" | "kB" | "kb" => 1e3,
@@ -299,9 +302,9 @@ impl fmt::Display for ByteSize {
 impl fmt::Display for ByteRate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let v = self.0;
-        if v % (1024 * 1024) == 0 {
+        if v.is_multiple_of(1024 * 1024) {
             write!(f, "{}MiB/s", v / (1024 * 1024))
-        } else if v % 1024 == 0 {
+        } else if v.is_multiple_of(1024) {
             write!(f, "{}KiB/s", v / 1024)
         } else {
             write!(f, "{v}B/s")
@@ -812,11 +815,22 @@ pub struct Match {
 impl Match {
     /// Does a request with this method, path and headers match? `path` is the HTTP path; for
     /// gRPC it is `/package.Service/Method`.
-    pub fn matches(&self, method: &str, path: &str, header: impl Fn(&str) -> Option<String>) -> bool {
-        if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
+    pub fn matches(
+        &self,
+        method: &str,
+        path: &str,
+        header: impl Fn(&str) -> Option<String>,
+    ) -> bool {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
+        {
             return false;
         }
-        if !self.path_prefixes.is_empty() && !self.path_prefixes.iter().any(|p| path.starts_with(p.as_str())) {
+        if !self.path_prefixes.is_empty()
+            && !self
+                .path_prefixes
+                .iter()
+                .any(|p| path.starts_with(p.as_str()))
+        {
             return false;
         }
         if !self
@@ -1064,18 +1078,27 @@ impl ChaosSpec {
             None => None,
             Some(rate) => {
                 if status.is_some() && !statuses.is_empty() {
-                    return Err(PolicyError::new("statuses", "give status or statuses, not both"));
+                    return Err(PolicyError::new(
+                        "statuses",
+                        "give status or statuses, not both",
+                    ));
                 }
                 if let Some(w) = statuses.iter().find(|w| w.weight == 0) {
                     return Err(PolicyError::new(
                         "statuses",
-                        format!("weight of status {} must be greater than zero", w.status.get()),
+                        format!(
+                            "weight of status {} must be greater than zero",
+                            w.status.get()
+                        ),
                     ));
                 }
                 let statuses: Vec<(u16, u32)> = if statuses.is_empty() {
                     vec![(status.map(|s| s.get()).unwrap_or(503), 1)]
                 } else {
-                    statuses.iter().map(|w| (w.status.get(), w.weight)).collect()
+                    statuses
+                        .iter()
+                        .map(|w| (w.status.get(), w.weight))
+                        .collect()
                 };
                 let grpc_code = grpc_code.unwrap_or(GrpcCode::Unavailable);
                 if grpc_code == GrpcCode::Ok {
@@ -1087,7 +1110,10 @@ impl ChaosSpec {
                 let mut hdrs = Vec::with_capacity(headers.len());
                 for (k, v) in headers {
                     if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                        return Err(PolicyError::new("headers", format!("invalid header name {k:?}")));
+                        return Err(PolicyError::new(
+                            "headers",
+                            format!("invalid header name {k:?}"),
+                        ));
                     }
                     if http::HeaderValue::from_str(v).is_err() {
                         return Err(PolicyError::new(
@@ -1112,7 +1138,11 @@ impl ChaosSpec {
         // Hang.
         let hang = match hang_rate {
             None if hang_for.is_some() || hang_then.is_some() => {
-                let field = if hang_for.is_some() { "hang_for" } else { "hang_then" };
+                let field = if hang_for.is_some() {
+                    "hang_for"
+                } else {
+                    "hang_then"
+                };
                 return Err(PolicyError::new(field, "requires hang_rate"));
             }
             None => None,
@@ -1174,7 +1204,10 @@ impl ChaosSpec {
         let down = bandwidth_downstream.or(*bandwidth).map(|r| r.0);
         let bandwidth = if up.is_none() && down.is_none() {
             if bandwidth_per_connection.is_some() {
-                return Err(PolicyError::new("bandwidth_per_connection", "requires bandwidth"));
+                return Err(PolicyError::new(
+                    "bandwidth_per_connection",
+                    "requires bandwidth",
+                ));
             }
             None
         } else {
@@ -1195,7 +1228,10 @@ impl ChaosSpec {
             None => None,
             Some(s) => {
                 if s.average_size.0 == 0 {
-                    return Err(PolicyError::new("slicer.average_size", "must be greater than zero"));
+                    return Err(PolicyError::new(
+                        "slicer.average_size",
+                        "must be greater than zero",
+                    ));
                 }
                 if s.size_variation.0 >= s.average_size.0 {
                     return Err(PolicyError::new(
@@ -1234,13 +1270,19 @@ impl ChaosSpec {
                 let mut hdrs = Vec::new();
                 for (k, v) in &m.headers {
                     if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                        return Err(PolicyError::new("match.headers", format!("invalid header name {k:?}")));
+                        return Err(PolicyError::new(
+                            "match.headers",
+                            format!("invalid header name {k:?}"),
+                        ));
                     }
                     hdrs.push((k.to_ascii_lowercase(), v.clone()));
                 }
                 for meth in &m.methods {
                     if http::Method::from_bytes(meth.as_bytes()).is_err() {
-                        return Err(PolicyError::new("match.methods", format!("invalid method {meth:?}")));
+                        return Err(PolicyError::new(
+                            "match.methods",
+                            format!("invalid method {meth:?}"),
+                        ));
                     }
                 }
                 Some(Match {
@@ -1338,12 +1380,18 @@ mod tests {
         let spec = parse("slicer = { average_size = 10 }").unwrap();
         assert_eq!(spec.validate(Protocol::Http).unwrap_err().field, "slicer");
         let spec = parse("grpc_code = \"OK\"").unwrap();
-        assert_eq!(spec.validate(Protocol::Grpc).unwrap_err().field, "grpc_code");
+        assert_eq!(
+            spec.validate(Protocol::Grpc).unwrap_err().field,
+            "grpc_code"
+        );
     }
 
     #[test]
     fn partition_forms() {
-        let p = parse("partition = true").unwrap().validate(Protocol::Tcp).unwrap();
+        let p = parse("partition = true")
+            .unwrap()
+            .validate(Protocol::Tcp)
+            .unwrap();
         assert_eq!(
             p.partition.unwrap(),
             PartitionFault {
@@ -1352,10 +1400,11 @@ mod tests {
                 cut_existing: true
             }
         );
-        let p = parse("partition = \"blackhole\"\ndirection = \"upstream\"\nkeep_connections = true")
-            .unwrap()
-            .validate(Protocol::Http)
-            .unwrap();
+        let p =
+            parse("partition = \"blackhole\"\ndirection = \"upstream\"\nkeep_connections = true")
+                .unwrap()
+                .validate(Protocol::Http)
+                .unwrap();
         assert_eq!(p.partition.unwrap().direction, Direction::Upstream);
         assert!(!p.partition.unwrap().cut_existing);
         let err = parse("partition = \"reject\"\ndirection = \"upstream\"")
@@ -1372,11 +1421,17 @@ mod tests {
             let again: HumanDuration = d.to_string().parse().unwrap();
             assert_eq!(d, again);
         }
-        assert_eq!("1.5s".parse::<HumanDuration>().unwrap().0, Duration::from_millis(1500));
+        assert_eq!(
+            "1.5s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(1500)
+        );
         assert_eq!("1MiB/s".parse::<ByteRate>().unwrap().0, 1 << 20);
         assert_eq!("8Mbit/s".parse::<ByteRate>().unwrap().0, 1_000_000);
         assert_eq!("64KiB".parse::<ByteSize>().unwrap().0, 65536);
-        assert_eq!("unavailable".parse::<GrpcCode>().unwrap(), GrpcCode::Unavailable);
+        assert_eq!(
+            "unavailable".parse::<GrpcCode>().unwrap(),
+            GrpcCode::Unavailable
+        );
         assert_eq!(GrpcCode::from_code(4), GrpcCode::DeadlineExceeded);
         assert_eq!(GrpcCode::from_code(99), GrpcCode::Unknown);
     }

@@ -60,7 +60,12 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                ctx.tracker.spawn(handle(ctx.clone(), stream, peer));
+                // Per-connection draws happen here, in accept order, so a seeded policy gives
+                // the same faults to the same sequence of connections on every run.
+                let act = ctx.cell.current();
+                let fate = Fate::draw(&act);
+                ctx.tracker
+                    .spawn(handle(ctx.clone(), stream, peer, act, fate));
             }
             Err(e) => {
                 debug!(edge = %ctx.info.edge, error = %e, "accept failed");
@@ -86,6 +91,29 @@ fn is_per_connection(e: &io::Error) -> bool {
             | io::ErrorKind::Interrupted
             | io::ErrorKind::WouldBlock
     )
+}
+
+/// What the accept-time snapshot decided for one connection.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fate {
+    /// The error fault picked it: reset on accept (`Some(0)`) or after that many bytes.
+    reset_after: Option<u64>,
+    /// The hang fault picked it.
+    hang: bool,
+}
+
+impl Fate {
+    fn draw(act: &Active) -> Fate {
+        let pol = &act.policy;
+        Fate {
+            reset_after: pol
+                .error
+                .as_ref()
+                .filter(|e| act.roll(e.rate))
+                .map(|e| e.reset_after.unwrap_or(0)),
+            hang: pol.hang.is_some_and(|h| act.roll(h.rate)),
+        }
+    }
 }
 
 /// How a connection ended.
@@ -179,8 +207,9 @@ struct Conn {
     ctx: Arc<EdgeCtx>,
     id: u64,
     peer: SocketAddr,
-    /// The policy in force at accept; later partitions with `cut_existing` reset the connection.
-    accepted: Arc<Active>,
+    /// The version of the policy in force at accept; later partitions with `cut_existing` reset
+    /// the connection.
+    accepted: u64,
     /// Client → target bytes written to the target.
     up: AtomicU64,
     /// Target → client bytes written to the client.
@@ -232,7 +261,11 @@ impl Conn {
             bytes_upstream: self.up.load(Ordering::Relaxed),
             bytes_downstream: self.down.load(Ordering::Relaxed),
             duration,
-            faults: self.faults.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            faults: self
+                .faults
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             error,
         }
     }
@@ -241,7 +274,7 @@ impl Conn {
     fn cut_by(&self, act: &Active) -> Result<(), End> {
         if let Some(p) = act.policy.partition
             && p.cut_existing
-            && act.version > self.accepted.version
+            && act.version > self.accepted
         {
             self.fault(FaultKind::Partition);
             return Err(End::Reset("cut by partition".into()));
@@ -251,8 +284,13 @@ impl Conn {
 
     /// Everything between accept and close. Returns how it ended and the target connection,
     /// if one was made, so the caller can close (or reset) both.
-    async fn serve(&self, client: &TcpStream) -> (End, Option<TcpStream>) {
-        match self.accept_phase(client).await {
+    async fn serve(
+        &self,
+        client: &TcpStream,
+        act: Arc<Active>,
+        fate: Fate,
+    ) -> (End, Option<TcpStream>) {
+        match self.accept_phase(client, &act, fate).await {
             Ok(()) => {}
             Err(end) => return (end, None),
         }
@@ -270,13 +308,13 @@ impl Conn {
             }
         };
         let _ = target.set_nodelay(true);
+        drop(act);
         let end = self.relay(client, &target).await;
         (end, Some(target))
     }
 
     /// The faults that act before the target is dialled.
-    async fn accept_phase(&self, client: &TcpStream) -> Result<(), End> {
-        let act = self.accepted.clone();
+    async fn accept_phase(&self, client: &TcpStream, act: &Active, fate: Fate) -> Result<(), End> {
         let pol = &act.policy;
         if let Some(p) = pol.partition
             && p.mode == crate::policy::PartitionMode::Reject
@@ -284,19 +322,16 @@ impl Conn {
             self.fault(FaultKind::Partition);
             return Err(End::Reset("rejected by partition".into()));
         }
-        if let Some(e) = &pol.error
-            && act.roll(e.rate)
-        {
-            match e.reset_after {
-                Some(n) if n > 0 => self.doom.store(n, Ordering::Relaxed),
-                _ => {
-                    self.fault(FaultKind::Reset);
-                    return Err(End::Reset("reset by chaos".into()));
-                }
+        match fate.reset_after {
+            None => {}
+            Some(0) => {
+                self.fault(FaultKind::Reset);
+                return Err(End::Reset("reset by chaos".into()));
             }
+            Some(n) => self.doom.store(n, Ordering::Relaxed),
         }
         if let Some(h) = pol.hang
-            && act.roll(h.rate)
+            && fate.hang
         {
             self.fault(FaultKind::Hang);
             let elapsed = tokio::select! {
@@ -351,8 +386,9 @@ impl Conn {
 
     /// Run both directions until both are done or one ends the connection.
     async fn relay(&self, client: &TcpStream, target: &TcpStream) -> End {
-        let up = Pump::new(self, Dir::Up, client, target).run();
-        let down = Pump::new(self, Dir::Down, target, client).run();
+        let act = self.ctx.cell.current();
+        let up = Pump::new(self, Dir::Up, client, target, act.clone()).run();
+        let down = Pump::new(self, Dir::Down, target, client, act).run();
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {
@@ -388,13 +424,19 @@ async fn client_gone(client: &TcpStream) {
     }
 }
 
-async fn handle(ctx: Arc<EdgeCtx>, client: TcpStream, peer: SocketAddr) {
+async fn handle(
+    ctx: Arc<EdgeCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+    act: Arc<Active>,
+    fate: Fate,
+) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let conn = Conn {
         id: ctx.next_id(),
         peer,
-        accepted: ctx.cell.current(),
+        accepted: act.version,
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
         doom: AtomicU64::new(NO_DOOM),
@@ -405,12 +447,14 @@ async fn handle(ctx: Arc<EdgeCtx>, client: TcpStream, peer: SocketAddr) {
     let ctx = conn.ctx.clone();
     ctx.metrics.connection_opened();
     if ctx.events.has_subscribers() {
-        ctx.events
-            .send(&ctx.info, EventKind::ConnectionOpened(conn.info(None, None)));
+        ctx.events.send(
+            &ctx.info,
+            EventKind::ConnectionOpened(conn.info(None, None)),
+        );
     }
     debug!(edge = %ctx.info.edge, conn = conn.id, %peer, "connection opened");
 
-    let (end, target) = conn.serve(&client).await;
+    let (end, target) = conn.serve(&client, act, fate).await;
     let error = match end {
         End::Done => None,
         End::Close(e) => e,
@@ -477,14 +521,20 @@ struct Pump<'a> {
 }
 
 impl<'a> Pump<'a> {
-    fn new(conn: &'a Conn, dir: Dir, src: &'a TcpStream, dst: &'a TcpStream) -> Self {
+    fn new(
+        conn: &'a Conn,
+        dir: Dir,
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        act: Arc<Active>,
+    ) -> Self {
         Pump {
             conn,
             dir,
             src,
             dst,
             rx: conn.ctx.cell.subscribe(),
-            act: conn.accepted.clone(),
+            act,
             queue: VecDeque::new(),
             queued: 0,
             eof: false,
@@ -625,7 +675,10 @@ impl<'a> Pump<'a> {
             while left > 0 {
                 match pipe.drain(dst, left) {
                     Ok(0) => {
-                        return Err(End::Reset(format!("{}: splice moved nothing", self.dir.dst_name())));
+                        return Err(End::Reset(format!(
+                            "{}: splice moved nothing",
+                            self.dir.dst_name()
+                        )));
                     }
                     Ok(m) => {
                         left -= m;
@@ -865,10 +918,9 @@ impl<'a> Pump<'a> {
                 _ = tokio::time::sleep(d) => {}
             }
         }
-        if let Err(e) = nix::sys::socket::shutdown(
-            self.dst.as_raw_fd(),
-            nix::sys::socket::Shutdown::Write,
-        ) {
+        if let Err(e) =
+            nix::sys::socket::shutdown(self.dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
+        {
             // The peer may already be gone; the other direction will see that itself.
             debug!(edge = %ctx.info.edge, conn = self.conn.id, direction = self.dir.as_str(), error = %e, "half-close failed");
         }

@@ -40,7 +40,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rig_proxy::events::EdgeInfo;
-use rig_proxy::{ChaosSpec, Edge, EdgeConfig, EventKind, EventSender, ProxyEvent, Protocol};
+use rig_proxy::{ChaosSpec, Edge, EdgeConfig, EventKind, EventSender, Protocol, ProxyEvent};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -86,7 +86,9 @@ impl HttpUpstream {
             let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
@@ -123,7 +125,11 @@ impl HttpUpstream {
 
     /// Every request received so far, in order.
     pub fn seen(&self) -> Vec<Seen> {
-        self.state.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.state
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -147,7 +153,10 @@ fn query_param(query: Option<&str>, key: &str) -> Option<u64> {
 
 /// Byte `i` of a `/bytes` body.
 pub fn pattern(len: usize) -> Bytes {
-    (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into()
+    (0..len)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 /// The error of the routes that break on purpose.
@@ -166,16 +175,19 @@ async fn route(st: Arc<State>, req: Request<Incoming>) -> Result<Response<UpBody
     st.requests.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
-    st.seen.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
-        method: req.method().clone(),
-        path: req
-            .uri()
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
-        version: req.version(),
-        headers: req.headers().clone(),
-    });
+    st.seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Seen {
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        });
     let reply = |status: StatusCode, body: UpBody| {
         let mut r = Response::new(body);
         *r.status_mut() = status;
@@ -236,12 +248,16 @@ async fn route(st: Arc<State>, req: Request<Incoming>) -> Result<Response<UpBody
     }
     if let Some(n) = path.strip_prefix("/bytes/") {
         let n: usize = n.parse().unwrap_or(0);
-        let chunk = query_param(query.as_deref(), "chunk").unwrap_or(16 * 1024).max(1) as usize;
+        let chunk = query_param(query.as_deref(), "chunk")
+            .unwrap_or(16 * 1024)
+            .max(1) as usize;
         let delay = Duration::from_millis(query_param(query.as_deref(), "delay_ms").unwrap_or(0));
         let data = pattern(n);
-        let stream = futures_util::stream::iter((0..n).step_by(chunk).map(move |at| {
-            data.slice(at..(at + chunk).min(n))
-        }))
+        let stream = futures_util::stream::iter(
+            (0..n)
+                .step_by(chunk)
+                .map(move |at| data.slice(at..(at + chunk).min(n))),
+        )
         .then(move |b| async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -265,9 +281,13 @@ async fn route(st: Arc<State>, req: Request<Incoming>) -> Result<Response<UpBody
             Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"hello"))),
             Ok(Frame::trailers(trailers)),
         ];
-        let mut resp = Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames))));
-        resp.headers_mut()
-            .insert(http::header::TRAILER, http::HeaderValue::from_static("x-checksum"));
+        let mut resp = Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+            frames,
+        ))));
+        resp.headers_mut().insert(
+            http::header::TRAILER,
+            http::HeaderValue::from_static("x-checksum"),
+        );
         return Ok(resp);
     }
     if path == "/crash" {
@@ -496,12 +516,26 @@ pub async fn edge(
 
 /// An http edge `client/api` in front of `target`.
 pub async fn http_edge(target: SocketAddr, spec: ChaosSpec) -> anyhow::Result<Edge> {
-    edge("client", Protocol::Http, target, spec, EventSender::new(1024)).await
+    edge(
+        "client",
+        Protocol::Http,
+        target,
+        spec,
+        EventSender::new(1024),
+    )
+    .await
 }
 
 /// A grpc edge `client/api` in front of `target`.
 pub async fn grpc_edge(target: SocketAddr, spec: ChaosSpec) -> anyhow::Result<Edge> {
-    edge("client", Protocol::Grpc, target, spec, EventSender::new(1024)).await
+    edge(
+        "client",
+        Protocol::Grpc,
+        target,
+        spec,
+        EventSender::new(1024),
+    )
+    .await
 }
 
 /// `http://EDGE{path}`.

@@ -21,7 +21,9 @@ pub fn parse(text: &str) -> Vec<Sample> {
             Some(i) => (&line[..i], &line[i + 1..]),
             None => continue,
         };
-        let Ok(value) = value.parse::<f64>() else { continue };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
         let (name, labels) = match head.find('{') {
             None => (head.to_string(), Vec::new()),
             Some(i) => {
@@ -30,7 +32,11 @@ pub fn parse(text: &str) -> Vec<Sample> {
                 (name, parse_labels(body))
             }
         };
-        out.push(Sample { name, labels, value });
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
     }
     out
 }
@@ -41,7 +47,9 @@ fn parse_labels(body: &str) -> Vec<(String, String)> {
     while let Some(eq) = rest.find('=') {
         let key = rest[..eq].trim().trim_start_matches(',').trim().to_string();
         let after = &rest[eq + 1..];
-        let Some(stripped) = after.strip_prefix('"') else { break };
+        let Some(stripped) = after.strip_prefix('"') else {
+            break;
+        };
         let mut val = String::new();
         let mut chars = stripped.char_indices();
         let mut end = stripped.len();
@@ -85,7 +93,8 @@ pub fn value(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
 mod tests {
     #[test]
     fn parses_labels_and_sums() {
-        let text = "# TYPE x counter\nx{a=\"1\",b=\"q\\\"\"} 2\nx{a=\"1\",b=\"z\"} 3\nx{a=\"2\"} 5\ny 1\n";
+        let text =
+            "# TYPE x counter\nx{a=\"1\",b=\"q\\\"\"} 2\nx{a=\"1\",b=\"z\"} 3\nx{a=\"2\"} 5\ny 1\n";
         assert_eq!(super::value(text, "x", &[("a", "1")]), 5.0);
         assert_eq!(super::value(text, "x", &[("b", "q\"")]), 2.0);
         assert_eq!(super::value(text, "y", &[]), 1.0);

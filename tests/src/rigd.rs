@@ -167,7 +167,8 @@ impl Rigd {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let out = self.ok(&all);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("rigctl {args:?} printed no JSON ({e}): {out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("rigctl {args:?} printed no JSON ({e}): {out}"))
     }
 
     /// `http://ADDR`.
@@ -188,7 +189,9 @@ pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state is the field after the ")" closing the command name.
-            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next());
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next());
             !matches!(state, Some(Some('Z')) | Some(Some('X')))
         }
         Err(_) => false,
@@ -203,7 +206,10 @@ pub fn assert_all_gone(pids: &[u32], within: Duration) {
         if left.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "processes still alive after {within:?}: {left:?}");
+        assert!(
+            Instant::now() < deadline,
+            "processes still alive after {within:?}: {left:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

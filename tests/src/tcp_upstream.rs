@@ -53,8 +53,13 @@ pub fn pattern_mismatch(offset: u64, buf: &[u8]) -> Option<usize> {
 enum Kind {
     Echo,
     Sink,
-    Source { total: Option<u64> },
-    Greeter { banner: &'static [u8], every: Duration },
+    Source {
+        total: Option<u64>,
+    },
+    Greeter {
+        banner: &'static [u8],
+        every: Duration,
+    },
 }
 
 #[derive(Debug, Default)]

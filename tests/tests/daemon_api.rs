@@ -32,7 +32,10 @@ async fn start(state: &TempDir) -> daemon::DaemonHandle {
     // rigd puts its own directory first on its services' PATH; embedded in a test, that is
     // target/debug/deps, so add target/debug (where rig-demo is) to this process's PATH.
     let path = std::env::var("PATH").unwrap_or_default();
-    if !path.split(':').any(|p| p == bin_dir().to_str().unwrap_or("")) {
+    if !path
+        .split(':')
+        .any(|p| p == bin_dir().to_str().unwrap_or(""))
+    {
         set_path(&format!("{}:{path}", bin_dir().display()));
     }
     daemon::start(DaemonConfig {
@@ -84,7 +87,11 @@ async fn up_streams_progress_and_chaos_is_validated_first() {
         .filter(|s| s.state == "ready")
         .map(|s| s.service.as_str())
         .collect();
-    assert_eq!(ready, vec!["store", "catalog"], "dependency order: {steps:?}");
+    assert_eq!(
+        ready,
+        vec!["store", "catalog"],
+        "dependency order: {steps:?}"
+    );
     let last = steps.last().expect("a final step");
     assert_eq!(last.state, "up");
     let env = last.environment.as_ref().expect("final status");
@@ -93,9 +100,14 @@ async fn up_streams_progress_and_chaos_is_validated_first() {
     assert_eq!(edge.edge, "catalog/store");
     assert_eq!(edge.chaos_version, 1);
     assert_eq!(edge.chaos.as_ref().unwrap().latency.as_deref(), Some("1ms"));
-    assert!(edge.chaos.as_ref().unwrap().seed.is_some(), "the environment's seed is derived per edge");
+    assert!(
+        edge.chaos.as_ref().unwrap().seed.is_some(),
+        "the environment's seed is derived per edge"
+    );
 
-    let mut chaos = pb::chaos_client::ChaosClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut chaos = pb::chaos_client::ChaosClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
     let sel = |edges: &[&str]| {
         Some(pb::EdgeSelector {
             env: String::new(),
@@ -116,7 +128,11 @@ async fn up_streams_progress_and_chaos_is_validated_first() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("status"), "{}", err.message());
-    let got = chaos.get(pb::GetChaosRequest { selector: sel(&[]) }).await.unwrap().into_inner();
+    let got = chaos
+        .get(pb::GetChaosRequest { selector: sel(&[]) })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.edges[0].version, 1, "policy unchanged");
 
     // A valid change returns the version in force.
@@ -148,9 +164,23 @@ async fn up_streams_progress_and_chaos_is_validated_first() {
     assert!(err.message().contains("catalog/store"), "{}", err.message());
 
     // Presets apply per protocol.
-    let presets = chaos.list_presets(pb::ListPresetsRequest {}).await.unwrap().into_inner();
+    let presets = chaos
+        .list_presets(pb::ListPresetsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let names: Vec<&str> = presets.presets.iter().map(|p| p.name.as_str()).collect();
-    for want in ["healthy", "slow-network", "flaky", "degraded", "error", "partition", "bandwidth-constrained", "blackhole", "chaos"] {
+    for want in [
+        "healthy",
+        "slow-network",
+        "flaky",
+        "degraded",
+        "error",
+        "partition",
+        "bandwidth-constrained",
+        "blackhole",
+        "chaos",
+    ] {
         assert!(names.contains(&want), "preset {want} in {names:?}");
     }
     let applied = chaos
@@ -164,10 +194,16 @@ async fn up_streams_progress_and_chaos_is_validated_first() {
     assert_eq!(applied.edges[0].version, 3);
 
     // The event log has the story in order, and chaos.changed carries old and new.
-    let mut events = pb::events_client::EventsClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut events = pb::events_client::EventsClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
     let mut stream = events
         .watch(pb::WatchRequest {
-            types: vec!["service.ready".into(), "environment.".into(), "chaos.changed".into()],
+            types: vec![
+                "service.ready".into(),
+                "environment.".into(),
+                "chaos.changed".into(),
+            ],
             ..Default::default()
         })
         .await
@@ -183,7 +219,13 @@ async fn up_streams_progress_and_chaos_is_validated_first() {
     }
     assert_eq!(
         kinds,
-        vec!["service.ready", "service.ready", "environment.up", "chaos.changed", "chaos.changed"]
+        vec![
+            "service.ready",
+            "service.ready",
+            "environment.up",
+            "chaos.changed",
+            "chaos.changed"
+        ]
     );
     assert_eq!(chaos_data[0]["old"]["latency"], "1ms");
     assert_eq!(chaos_data[0]["new"]["bandwidth"], "1MiB/s");
@@ -201,7 +243,12 @@ async fn up_streams_progress_and_chaos_is_validated_first() {
         .spawn()
         .expect("promtool is installed by scripts/test.sh (Debian package prometheus)");
     use std::io::Write;
-    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = promtool.wait_with_output().unwrap();
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
@@ -210,12 +257,20 @@ async fn up_streams_progress_and_chaos_is_validated_first() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let mut envs = pb::environments_client::EnvironmentsClient::connect(format!("http://{addr}")).await.unwrap();
-    let down = envs.down(pb::DownRequest { env: "api".into() }).await.unwrap().into_inner();
+    let mut envs = pb::environments_client::EnvironmentsClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let down = envs
+        .down(pb::DownRequest { env: "api".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(down.stopped.len(), 2);
     let list = envs.list(pb::ListRequest {}).await.unwrap().into_inner();
     assert!(list.environments.is_empty());
-    tokio::time::timeout(Duration::from_secs(10), rigd.shutdown()).await.expect("shutdown");
+    tokio::time::timeout(Duration::from_secs(10), rigd.shutdown())
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,7 +42,10 @@ service = "catalog"
 }
 
 fn status(rigd: &Rigd, env: &str) -> pb::EnvironmentStatus {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut c = pb::environments_client::EnvironmentsClient::connect(rigd.url(""))
             .await
@@ -55,7 +58,11 @@ fn status(rigd: &Rigd, env: &str) -> pb::EnvironmentStatus {
 }
 
 fn pids(st: &pb::EnvironmentStatus) -> Vec<u32> {
-    st.services.iter().map(|s| s.pid).filter(|p| *p != 0).collect()
+    st.services
+        .iter()
+        .map(|s| s.pid)
+        .filter(|p| *p != 0)
+        .collect()
 }
 
 fn ingress(st: &pb::EnvironmentStatus, service: &str) -> String {
@@ -100,27 +107,64 @@ fn up_traffic_chaos_metrics_down() {
     assert!(body.contains("item-7"), "{body}");
 
     // Break the grpc edge: in force when the command returns.
-    let out = rigd.ok(&["chaos", "set", "web/catalog", "--error-rate", "1", "--grpc-code", "UNAVAILABLE"]);
+    let out = rigd.ok(&[
+        "chaos",
+        "set",
+        "web/catalog",
+        "--error-rate",
+        "1",
+        "--grpc-code",
+        "UNAVAILABLE",
+    ]);
     assert!(out.contains("web/catalog"), "{out}");
     let (code, body) = http_get(&format!("{web}/items/item-7"), None);
-    assert_eq!(code, 502, "the injected UNAVAILABLE reaches web as a gRPC error: {body}");
+    assert_eq!(
+        code, 502,
+        "the injected UNAVAILABLE reaches web as a gRPC error: {body}"
+    );
     assert!(body.contains("UNAVAILABLE"), "{body}");
 
     let env = [("env", "shop"), ("edge", "web/catalog")];
-    let injected = metric(&rigd, "rig_edge_faults_injected_total", &[env[0], env[1], ("fault", "error")]);
+    let injected = metric(
+        &rigd,
+        "rig_edge_faults_injected_total",
+        &[env[0], env[1], ("fault", "error")],
+    );
     assert!(injected >= 1.0, "faults counted: {injected}");
-    let unavailable = metric(&rigd, "rig_edge_requests_total", &[env[0], env[1], ("status", "UNAVAILABLE")]);
-    assert!(unavailable >= 1.0, "requests by status counted: {unavailable}");
-    let ok = metric(&rigd, "rig_edge_requests_total", &[env[0], env[1], ("status", "OK")]);
+    let unavailable = metric(
+        &rigd,
+        "rig_edge_requests_total",
+        &[env[0], env[1], ("status", "UNAVAILABLE")],
+    );
+    assert!(
+        unavailable >= 1.0,
+        "requests by status counted: {unavailable}"
+    );
+    let ok = metric(
+        &rigd,
+        "rig_edge_requests_total",
+        &[env[0], env[1], ("status", "OK")],
+    );
     assert!(ok >= 1.0, "the request before chaos was counted OK: {ok}");
-    let tcp_bytes = metric(&rigd, "rig_edge_bytes_total", &[("env", "shop"), ("edge", "catalog/store"), ("direction", "upstream")]);
+    let tcp_bytes = metric(
+        &rigd,
+        "rig_edge_bytes_total",
+        &[
+            ("env", "shop"),
+            ("edge", "catalog/store"),
+            ("direction", "upstream"),
+        ],
+    );
     assert!(tcp_bytes > 0.0, "the tcp edge counted bytes: {tcp_bytes}");
 
     // The invalid change is refused and the policy in force stays.
     let bad = rigd.rigctl(&["chaos", "set", "web/catalog", "--error-rate", "2"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("error_rate"), "the error names the field: {err}");
+    assert!(
+        err.contains("error_rate"),
+        "the error names the field: {err}"
+    );
     let (code, _) = http_get(&format!("{web}/items/item-7"), None);
     assert_eq!(code, 502, "the old policy is still in force");
 
@@ -166,15 +210,31 @@ service = "web"
     );
     let out = rigd.rigctl(&["up", spec.to_str().unwrap(), "--detach"]);
     assert!(!out.status.success(), "up must fail");
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(all.contains("bad"), "names the service: {all}");
     assert!(all.contains("code 3"), "says why: {all}");
-    assert!(all.contains("config missing: DATABASE_URL"), "shows its last log lines: {all}");
+    assert!(
+        all.contains("config missing: DATABASE_URL"),
+        "shows its last log lines: {all}"
+    );
     // Nothing half-started: the environment is not listed and no child of rigd remains.
     let list = rigd.ok(&["ls"]);
     assert!(!list.contains("broken"), "{list}");
-    let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", rigd.child.id(), rigd.child.id())).unwrap_or_default();
-    let left: Vec<u32> = children.split_whitespace().filter_map(|p| p.parse().ok()).filter(|p| alive(*p)).collect();
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        rigd.child.id(),
+        rigd.child.id()
+    ))
+    .unwrap_or_default();
+    let left: Vec<u32> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| alive(*p))
+        .collect();
     assert_all_gone(&left, Duration::from_secs(10));
 }
 
@@ -216,9 +276,25 @@ fn environments_are_isolated_and_names_unique() {
     let wa = format!("http://{}/items/item-1", ingress(&sa, "web"));
     let wb = format!("http://{}/items/item-1", ingress(&sb, "web"));
     // web/catalog is grpc: `--status` does not apply and is refused, naming the field.
-    let bad = rigd.rigctl(&["--env", "alpha", "chaos", "set", "web/catalog", "--status", "503"]);
+    let bad = rigd.rigctl(&[
+        "--env",
+        "alpha",
+        "chaos",
+        "set",
+        "web/catalog",
+        "--status",
+        "503",
+    ]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("status"));
-    rigd.ok(&["--env", "alpha", "chaos", "set", "web/catalog", "--grpc-code", "INTERNAL"]);
+    rigd.ok(&[
+        "--env",
+        "alpha",
+        "chaos",
+        "set",
+        "web/catalog",
+        "--grpc-code",
+        "INTERNAL",
+    ]);
     assert_eq!(http_get(&wa, None).0, 502);
     assert_eq!(http_get(&wb, None).0, 200);
     // Without --env, rigctl must ask which one.
@@ -245,7 +321,7 @@ fn services_get_their_wiring_in_env_vars() {
 name = "wiring"
 [services.store]
 command = ["rig-demo", "kv"]
-[services.store.ingresses.main]
+[services.store.ingresses.default]
 protocol = "tcp"
 [services.store.ingresses.admin]
 protocol = "http"
@@ -255,7 +331,7 @@ ready = false
 command = ["sh", "-c", "env > {out}.tmp && mv {out}.tmp {out} && exec sleep 600", "--", "${{DB_ADDR}}"]
 [services.probe.egresses.db]
 service = "store"
-ingress = "main"
+ingress = "default"
 [services.probe.egresses.admin-api]
 service = "store"
 ingress = "admin"
@@ -278,20 +354,39 @@ observe = false
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let db = st.edges.iter().find(|e| e.edge == "probe/db").expect("edge probe/db");
-    let admin = st.edges.iter().find(|e| e.edge == "probe/admin-api").expect("edge probe/admin-api");
-    assert_eq!(env["DB_ADDR"], db.proxy_address, "observed edges point at the proxy");
-    assert_eq!(format!("{}:{}", env["DB_HOST"], env["DB_PORT"]), db.proxy_address);
+    let db = st
+        .edges
+        .iter()
+        .find(|e| e.edge == "probe/db")
+        .expect("edge probe/db");
+    let admin = st
+        .edges
+        .iter()
+        .find(|e| e.edge == "probe/admin-api")
+        .expect("edge probe/admin-api");
+    assert_eq!(
+        env["DB_ADDR"], db.proxy_address,
+        "observed edges point at the proxy"
+    );
+    assert_eq!(
+        format!("{}:{}", env["DB_HOST"], env["DB_PORT"]),
+        db.proxy_address
+    );
     assert!(!env.contains_key("DB_URL"), "no URL for a tcp egress");
     assert!(!admin.observed);
-    assert_eq!(env["ADMIN_API_URL"], format!("http://{}", admin.target_address), "observe = false wires the target itself");
+    assert_eq!(
+        env["ADMIN_API_URL"],
+        format!("http://{}", admin.target_address),
+        "observe = false wires the target itself"
+    );
     assert_eq!(env["RIG_SERVICE"], "probe");
     assert_eq!(env["RIG_ENV"], "wiring");
-    let wiring: serde_json::Value = serde_json::from_str(&env["RIG_WIRING"]).expect("RIG_WIRING is JSON");
+    let wiring: serde_json::Value =
+        serde_json::from_str(&env["RIG_WIRING"]).expect("RIG_WIRING is JSON");
     assert_eq!(wiring["egresses"]["db"]["addr"], db.proxy_address.as_str());
     // The store's two ingresses: HOST/PORT only for `default`, prefixed otherwise.
     let store = st.services.iter().find(|s| s.name == "store").unwrap();
-    assert!(store.ingresses.iter().any(|i| i.name == "main"));
+    assert!(store.ingresses.iter().any(|i| i.name == "admin"));
     rigd.ok(&["down"]);
 }
 
@@ -302,7 +397,10 @@ fn a_token_guards_every_call() {
         .env_remove("RIG_TOKEN")
         .output()
         .unwrap();
-    assert!(!refused.status.success(), "non-loopback without a token is refused");
+    assert!(
+        !refused.status.success(),
+        "non-loopback without a token is refused"
+    );
     assert!(String::from_utf8_lossy(&refused.stderr).contains("RIG_TOKEN"));
 
     let rigd = Rigd::start_with(&[], Some("s3cret"));
@@ -314,7 +412,11 @@ fn a_token_guards_every_call() {
     anon.env_remove("RIG_TOKEN");
     let out = anon.output().unwrap();
     assert!(!out.status.success(), "rigctl without the token is refused");
-    assert!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("token"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("token")
+    );
 }
 
 #[test]
@@ -325,11 +427,15 @@ fn events_are_served_as_sse_and_resume_from_last_event_id() {
     rigd.ok(&["up", spec.to_str().unwrap(), "--detach"]);
     rigd.ok(&["down", "sse"]);
     // The log now holds the whole life of the environment; read it over SSE with a resume point.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let text = rt.block_on(async {
         use http_body_util::BodyExt;
         let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
         let req = http::Request::get(rigd.url("/events?types=service.ready,environment."))
             .header("last-event-id", "1")
             .body(http_body_util::Empty::new())
@@ -356,5 +462,8 @@ fn events_are_served_as_sse_and_resume_from_last_event_id() {
     assert!(text.contains("event: environment.up"), "{text}");
     assert!(text.contains("event: environment.down"), "{text}");
     assert!(!text.contains("id: 1\n"), "resumed after id 1: {text}");
-    assert!(!text.contains("service.starting"), "filtered by type: {text}");
+    assert!(
+        !text.contains("service.starting"),
+        "filtered by type: {text}"
+    );
 }

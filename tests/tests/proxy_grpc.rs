@@ -40,7 +40,10 @@ async fn health_check_and_watch_through_the_proxy() -> R {
     assert_eq!(next.map(|m| m.status()), Some(ServingStatus::NotServing));
 
     // A real error status from the target passes untouched.
-    let err = client.check(req("no.such.Service")).await.expect_err("not registered");
+    let err = client
+        .check(req("no.such.Service"))
+        .await
+        .expect_err("not registered");
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.metadata().get(INJECTED_HEADER).is_none());
     assert_eq!(up.calls(), 3);
@@ -60,7 +63,9 @@ async fn injected_unavailable_carries_code_and_message() -> R {
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(err.message(), "rig says no: 100% ünïcode");
     assert_eq!(
-        err.metadata().get(INJECTED_HEADER).and_then(|v| v.to_str().ok()),
+        err.metadata()
+            .get(INJECTED_HEADER)
+            .and_then(|v| v.to_str().ok()),
         Some("fault=error")
     );
     assert_eq!(up.calls(), 0, "an injected error never reaches the target");
@@ -80,7 +85,10 @@ async fn injected_resource_exhausted() -> R {
     assert_eq!(err.code(), Code::ResourceExhausted);
 
     edge.clear_chaos();
-    assert_eq!(client.check(req("")).await?.into_inner().status(), ServingStatus::Serving);
+    assert_eq!(
+        client.check(req("")).await?.into_inner().status(),
+        ServingStatus::Serving
+    );
     Ok(())
 }
 
@@ -93,13 +101,21 @@ async fn match_on_grpc_service_and_method() -> R {
     )
     .await?;
     let mut client = health_client(edge.local_addr()).await?;
-    assert_eq!(client.check(req("")).await.expect_err("matched").code(), Code::Unavailable);
+    assert_eq!(
+        client.check(req("")).await.expect_err("matched").code(),
+        Code::Unavailable
+    );
     let mut watch = client.watch(req("")).await?.into_inner();
     let first = tokio::time::timeout(WAIT, watch.message()).await??;
     assert_eq!(first.map(|m| m.status()), Some(ServingStatus::Serving));
 
-    edge.set_chaos(chaos("error_rate = 1.0\n[match]\ngrpc_service = \"demo.v1.Other\""))?;
-    assert_eq!(client.check(req("")).await?.into_inner().status(), ServingStatus::Serving);
+    edge.set_chaos(chaos(
+        "error_rate = 1.0\n[match]\ngrpc_service = \"demo.v1.Other\"",
+    ))?;
+    assert_eq!(
+        client.check(req("")).await?.into_inner().status(),
+        ServingStatus::Serving
+    );
     Ok(())
 }
 
@@ -117,8 +133,58 @@ async fn hang_then_timeout_is_deadline_exceeded() -> R {
     let t = Instant::now();
     let err = client.check(req("")).await.expect_err("hang then timeout");
     assert_eq!(err.code(), Code::DeadlineExceeded);
-    assert!(t.elapsed() >= Duration::from_millis(200), "answered after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "answered after {:?}",
+        t.elapsed()
+    );
     assert_eq!(up.calls(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_deadline_during_a_hang_is_reported_as_failed() -> R {
+    let up = GrpcUpstream::start().await?;
+    let events = EventSender::new(1024);
+    let mut rx = events.subscribe();
+    let edge = edge(
+        "client",
+        Protocol::Grpc,
+        up.addr(),
+        chaos("hang_rate = 1.0"),
+        events,
+    )
+    .await?;
+    let mut client = health_client(edge.local_addr()).await?;
+    let mut call = tonic::Request::new(req(""));
+    call.set_timeout(Duration::from_millis(200));
+    let err = client
+        .check(call)
+        .await
+        .expect_err("held past the deadline");
+    // tonic reports its own timer running out as CANCELLED ("Timeout expired").
+    assert!(
+        matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    // The client resets its stream; the edge stops holding and reports the request.
+    let failed = wait_event(&mut rx, WAIT, |k| match k {
+        EventKind::RequestFailed(i) => Some(i.clone()),
+        EventKind::RequestCompleted(i) => panic!("completed: {i:?}"),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(failed.grpc_method.as_deref(), Some("Check"));
+    assert_eq!(failed.faults, vec![FaultKind::Hang]);
+    assert!(failed.status.is_none());
+    assert_eq!(up.calls(), 0);
+
+    // The connection is fine: with the hang cleared the next call goes through.
+    edge.clear_chaos();
+    assert_eq!(
+        client.check(req("")).await?.into_inner().status(),
+        ServingStatus::Serving
+    );
     Ok(())
 }
 
@@ -130,7 +196,9 @@ async fn partition_reject_is_unavailable() -> R {
     let err = client.check(req("")).await.expect_err("partition");
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(
-        err.metadata().get(INJECTED_HEADER).and_then(|v| v.to_str().ok()),
+        err.metadata()
+            .get(INJECTED_HEADER)
+            .and_then(|v| v.to_str().ok()),
         Some("fault=partition")
     );
     Ok(())
@@ -145,7 +213,10 @@ async fn latency_delays_each_call() -> R {
         let t = Instant::now();
         client.check(req("")).await?;
         let took = t.elapsed();
-        assert!(took >= Duration::from_millis(100) && took < Duration::from_millis(600), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(100) && took < Duration::from_millis(600),
+            "{took:?}"
+        );
     }
     Ok(())
 }
@@ -161,7 +232,9 @@ async fn an_unreachable_target_is_unavailable() -> R {
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("unreachable"), "{}", err.message());
     assert_eq!(
-        err.metadata().get(INJECTED_HEADER).and_then(|v| v.to_str().ok()),
+        err.metadata()
+            .get(INJECTED_HEADER)
+            .and_then(|v| v.to_str().ok()),
         Some("upstream=unreachable")
     );
     let failed = wait_event(&mut rx, WAIT, |k| match k {
@@ -190,19 +263,34 @@ async fn events_carry_grpc_names_and_codes_from_trailers() -> R {
     let up = GrpcUpstream::start().await?;
     let events = EventSender::new(1024);
     let mut rx = events.subscribe();
-    let edge = edge("client", Protocol::Grpc, up.addr(), Default::default(), events).await?;
+    let edge = edge(
+        "client",
+        Protocol::Grpc,
+        up.addr(),
+        Default::default(),
+        events,
+    )
+    .await?;
     let mut client = health_client(edge.local_addr()).await?;
     client.check(req("")).await?;
     let ok = completed(&mut rx).await?;
     assert_eq!(ok.grpc_service.as_deref(), Some("grpc.health.v1.Health"));
     assert_eq!(ok.grpc_method.as_deref(), Some("Check"));
     assert_eq!(ok.path, "/grpc.health.v1.Health/Check");
-    assert_eq!(ok.status.as_deref(), Some("OK"), "from the response trailers");
+    assert_eq!(
+        ok.status.as_deref(),
+        Some("OK"),
+        "from the response trailers"
+    );
     assert!(ok.request_bytes > 0 && ok.response_bytes > 0);
 
     client.check(req("nope")).await.expect_err("not registered");
     let nf = completed(&mut rx).await?;
-    assert_eq!(nf.status.as_deref(), Some("NOT_FOUND"), "from a trailers-only answer");
+    assert_eq!(
+        nf.status.as_deref(),
+        Some("NOT_FOUND"),
+        "from a trailers-only answer"
+    );
 
     edge.set_chaos(chaos("error_rate = 1.0"))?;
     client.check(req("")).await.expect_err("injected");
@@ -233,10 +321,28 @@ async fn metrics_count_grpc_codes() -> R {
         client.check(req("")).await?;
     }
     let text = handle.render();
-    let v = |name: &str, extra: (&str, &str)| prom::value(&text, name, &[("edge", "metrics-grpc/api"), extra]);
-    assert_eq!(v("rig_edge_requests_total", ("status", "ABORTED")), 4.0, "{text}");
-    assert_eq!(v("rig_edge_requests_total", ("status", "OK")), 2.0, "{text}");
-    assert_eq!(v("rig_edge_faults_injected_total", ("fault", "error")), 4.0, "{text}");
-    assert_eq!(v("rig_edge_connections_total", ("protocol", "grpc")), 1.0, "{text}");
+    let v = |name: &str, extra: (&str, &str)| {
+        prom::value(&text, name, &[("edge", "metrics-grpc/api"), extra])
+    };
+    assert_eq!(
+        v("rig_edge_requests_total", ("status", "ABORTED")),
+        4.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("rig_edge_requests_total", ("status", "OK")),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("rig_edge_faults_injected_total", ("fault", "error")),
+        4.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("rig_edge_connections_total", ("protocol", "grpc")),
+        1.0,
+        "{text}"
+    );
     Ok(())
 }

@@ -53,11 +53,33 @@ async fn get_and_post_through_the_proxy_equal_direct() -> R {
     // A large body goes up and comes back intact, streamed both ways.
     let big = pattern(1 << 20);
     let direct = send(&client, Method::POST, &up.url("/echo"), &[], big.clone()).await?;
-    let proxied = send(&client, Method::POST, &edge_url(&edge, "/echo"), &[], big.clone()).await?;
+    let proxied = send(
+        &client,
+        Method::POST,
+        &edge_url(&edge, "/echo"),
+        &[],
+        big.clone(),
+    )
+    .await?;
     assert_eq!(proxied.status, StatusCode::OK);
     assert_eq!(proxied.header("x-echo-method"), "POST");
     assert_eq!(proxied.body, direct.body);
     assert_eq!(proxied.body, big);
+
+    // HTTP/1.1 trailers cross too, for a client that accepts them.
+    let r = send(
+        &client,
+        Method::GET,
+        &edge_url(&edge, "/trailers"),
+        &[("te", "trailers")],
+        Bytes::new(),
+    )
+    .await?;
+    assert_eq!(r.body, "hello");
+    assert_eq!(
+        r.trailers.expect("trailers over HTTP/1.1")["x-checksum"],
+        "42"
+    );
 
     // A streamed response without buffering surprises, and real statuses pass untouched.
     let proxied = get(&client, &edge_url(&edge, "/bytes/300001?chunk=7000")).await?;
@@ -74,7 +96,14 @@ async fn keep_alive_connections_are_reused() -> R {
     let up = HttpUpstream::start().await?;
     let events = EventSender::new(4096);
     let mut rx = events.subscribe();
-    let edge = edge("client", Protocol::Http, up.addr(), Default::default(), events).await?;
+    let edge = edge(
+        "client",
+        Protocol::Http,
+        up.addr(),
+        Default::default(),
+        events,
+    )
+    .await?;
     let client = http1_client();
     for i in 0..20 {
         let r = get(&client, &edge_url(&edge, &format!("/echo/{i}"))).await?;
@@ -91,7 +120,11 @@ async fn keep_alive_connections_are_reused() -> R {
     }
     assert_eq!(opened, 1, "the client's keep-alive connection is reused");
     assert_eq!(completed, 20);
-    assert_eq!(up.connections(), 1, "the edge's upstream connection is pooled");
+    assert_eq!(
+        up.connections(),
+        1,
+        "the edge's upstream connection is pooled"
+    );
     assert_eq!(up.requests(), 20);
     Ok(())
 }
@@ -108,7 +141,14 @@ async fn h2c_clients_work_and_go_upstream_over_h2() -> R {
     assert_eq!(r.header("x-echo-path"), "/echo/h2?q=1");
 
     let body = pattern(200_000);
-    let r = send(&client, Method::POST, &edge_url(&edge, "/echo"), &[], body.clone()).await?;
+    let r = send(
+        &client,
+        Method::POST,
+        &edge_url(&edge, "/echo"),
+        &[],
+        body.clone(),
+    )
+    .await?;
     assert_eq!(r.body, body);
 
     // Trailers cross the proxy.
@@ -153,10 +193,16 @@ async fn hop_by_hop_headers_are_stripped() -> R {
     assert_eq!(seen["x-end-to-end"], "kept");
     assert_eq!(seen["host"], edge.local_addr().to_string());
     for gone in ["x-private", "proxy-authorization"] {
-        assert!(seen.get(gone).is_none(), "{gone} reached the upstream: {seen}");
+        assert!(
+            seen.get(gone).is_none(),
+            "{gone} reached the upstream: {seen}"
+        );
     }
     // The connection header is hyper's own business on the next hop.
-    assert_ne!(seen.get("connection").and_then(|v| v.as_str()), Some("x-private"));
+    assert_ne!(
+        seen.get("connection").and_then(|v| v.as_str()),
+        Some("x-private")
+    );
     Ok(())
 }
 
@@ -182,7 +228,11 @@ async fn error_rate_one_answers_503_with_headers_and_default_body() -> R {
     let body: serde_json::Value = serde_json::from_slice(&r.body)?;
     assert_eq!(body["error"], "injected by rig");
     assert_eq!(body["edge"], "client/api");
-    assert_eq!(up.requests(), 0, "an injected error never reaches the target");
+    assert_eq!(
+        up.requests(),
+        0,
+        "an injected error never reaches the target"
+    );
 
     // A custom status and body.
     edge.set_chaos(chaos("status = 429\nbody = \"slow down\""))?;
@@ -199,7 +249,11 @@ async fn error_rate_one_answers_503_with_headers_and_default_body() -> R {
     Ok(())
 }
 
-async fn statuses(client: &rig_tests::http_upstream::HttpClient, url: &str, n: usize) -> anyhow::Result<Vec<u16>> {
+async fn statuses(
+    client: &rig_tests::http_upstream::HttpClient,
+    url: &str,
+    n: usize,
+) -> anyhow::Result<Vec<u16>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         out.push(get(client, url).await?.status.as_u16());
@@ -261,7 +315,11 @@ async fn error_rate_without_a_seed_is_binomial() -> R {
     let errors = got.iter().filter(|s| **s == 503).count();
     assert_eq!(errors + got.iter().filter(|s| **s == 200).count(), n);
     assert_binomial(errors, n, 0.3, "error_rate 0.3");
-    assert_eq!(up.requests() as usize, n - errors, "only the passed requests reach the target");
+    assert_eq!(
+        up.requests() as usize,
+        n - errors,
+        "only the passed requests reach the target"
+    );
     Ok(())
 }
 
@@ -280,9 +338,18 @@ async fn latency_is_added_per_request() -> R {
     }
     took.sort();
     let (min, median, max) = (took[0], took[10], took[19]);
-    assert!(min >= Duration::from_millis(40), "faster than latency - jitter: {took:?}");
-    assert!(max <= Duration::from_millis(60 + 400), "far slower than latency + jitter: {took:?}");
-    assert!(median <= Duration::from_millis(150), "median {median:?}: {took:?}");
+    assert!(
+        min >= Duration::from_millis(40),
+        "faster than latency - jitter: {took:?}"
+    );
+    assert!(
+        max <= Duration::from_millis(60 + 400),
+        "far slower than latency + jitter: {took:?}"
+    );
+    assert!(
+        median <= Duration::from_millis(150),
+        "median {median:?}: {took:?}"
+    );
     // Jitter spreads the delays: 20 uniform draws over 20 ms all within 4 ms is ~1e-12 likely.
     assert!(max - min >= Duration::from_millis(4), "no jitter: {took:?}");
 
@@ -290,7 +357,11 @@ async fn latency_is_added_per_request() -> R {
     edge.clear_chaos();
     let t = Instant::now();
     get(&client, &url).await?;
-    assert!(t.elapsed() < Duration::from_millis(40), "still delayed after clearing: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(40),
+        "still delayed after clearing: {:?}",
+        t.elapsed()
+    );
     Ok(())
 }
 
@@ -299,11 +370,21 @@ async fn a_hang_is_released_by_clearing_chaos() -> R {
     let up = HttpUpstream::start().await?;
     let events = EventSender::new(1024);
     let mut rx = events.subscribe();
-    let edge = edge("client", Protocol::Http, up.addr(), chaos("hang_rate = 1.0"), events).await?;
+    let edge = edge(
+        "client",
+        Protocol::Http,
+        up.addr(),
+        chaos("hang_rate = 1.0"),
+        events,
+    )
+    .await?;
     let client = http1_client();
     let url = edge_url(&edge, "/echo/held");
     let held = tokio::spawn(async move { get(&client, &url).await });
-    wait_event(&mut rx, WAIT, |k| matches!(k, EventKind::RequestStarted(_)).then_some(())).await?;
+    wait_event(&mut rx, WAIT, |k| {
+        matches!(k, EventKind::RequestStarted(_)).then_some(())
+    })
+    .await?;
     // Held: no answer within a bounded wait, and nothing reached the target.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!held.is_finished(), "a hung request was answered");
@@ -312,7 +393,11 @@ async fn a_hang_is_released_by_clearing_chaos() -> R {
     let cleared = Instant::now();
     edge.clear_chaos();
     let r = tokio::time::timeout(WAIT, held).await???;
-    assert!(cleared.elapsed() < Duration::from_secs(2), "released late: {:?}", cleared.elapsed());
+    assert!(
+        cleared.elapsed() < Duration::from_secs(2),
+        "released late: {:?}",
+        cleared.elapsed()
+    );
     // Released by the policy change, the request goes through under the new (empty) policy.
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("x-echo-path"), "/echo/held");
@@ -340,7 +425,11 @@ async fn hang_for_then_timeout_answers_504() -> R {
     let r = get(&http1_client(), &edge_url(&edge, "/echo")).await?;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.header(INJECTED_HEADER), "fault=hang");
-    assert!(t.elapsed() >= Duration::from_millis(200), "answered after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "answered after {:?}",
+        t.elapsed()
+    );
     assert_eq!(up.requests(), 0);
     Ok(())
 }
@@ -355,9 +444,16 @@ async fn hang_for_then_close_closes_the_connection() -> R {
     let err = get(&http1_client(), &edge_url(&edge, "/echo"))
         .await
         .expect_err("a hang that closes gives no answer");
-    assert!(t.elapsed() >= Duration::from_millis(200), "closed after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "closed after {:?}",
+        t.elapsed()
+    );
     let err = format!("{err:#}");
-    assert!(err.contains("closed") || err.contains("incomplete"), "{err}");
+    assert!(
+        err.contains("closed") || err.contains("incomplete"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -384,7 +480,10 @@ async fn blackhole_holds_until_cleared_then_passes_live() -> R {
 
     edge.set_chaos(chaos("partition = true"))?;
     let silent = tokio::time::timeout(Duration::from_millis(300), get(&http1_client(), &url)).await;
-    assert!(silent.is_err(), "a blackholed request was answered: {silent:?}");
+    assert!(
+        silent.is_err(),
+        "a blackholed request was answered: {silent:?}"
+    );
     assert_eq!(up.requests(), 1, "nothing crossed the blackhole");
 
     edge.clear_chaos();
@@ -411,7 +510,10 @@ async fn downstream_partition_delivers_the_request_but_not_the_response() -> R {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pending.is_finished(), "the response crossed a downstream partition");
+    assert!(
+        !pending.is_finished(),
+        "the response crossed a downstream partition"
+    );
 
     // Healing the partition delivers the held answer.
     edge.clear_chaos();
@@ -431,11 +533,19 @@ async fn match_rules_scope_faults() -> R {
     )
     .await?;
     let client = http1_client();
-    let status = |path: &'static str, method: Method, headers: &'static [(&'static str, &'static str)]| {
-        let client = client.clone();
-        let url = edge_url(&edge, path);
-        async move { anyhow::Ok(send(&client, method, &url, headers, Bytes::new()).await?.status.as_u16()) }
-    };
+    let status =
+        |path: &'static str, method: Method, headers: &'static [(&'static str, &'static str)]| {
+            let client = client.clone();
+            let url = edge_url(&edge, path);
+            async move {
+                anyhow::Ok(
+                    send(&client, method, &url, headers, Bytes::new())
+                        .await?
+                        .status
+                        .as_u16(),
+                )
+            }
+        };
     assert_eq!(status("/echo/fail/x", Method::GET, &[]).await?, 503);
     assert_eq!(status("/echo/ok", Method::GET, &[]).await?, 200);
 
@@ -443,9 +553,17 @@ async fn match_rules_scope_faults() -> R {
     assert_eq!(status("/echo", Method::POST, &[]).await?, 503);
     assert_eq!(status("/echo", Method::GET, &[]).await?, 200);
 
-    edge.set_chaos(chaos("error_rate = 1.0\n[match]\nheaders = { \"X-Chaos\" = \"on\" }"))?;
-    assert_eq!(status("/echo", Method::GET, &[("x-chaos", "on")]).await?, 503);
-    assert_eq!(status("/echo", Method::GET, &[("x-chaos", "off")]).await?, 200);
+    edge.set_chaos(chaos(
+        "error_rate = 1.0\n[match]\nheaders = { \"X-Chaos\" = \"on\" }",
+    ))?;
+    assert_eq!(
+        status("/echo", Method::GET, &[("x-chaos", "on")]).await?,
+        503
+    );
+    assert_eq!(
+        status("/echo", Method::GET, &[("x-chaos", "off")]).await?,
+        200
+    );
     assert_eq!(status("/echo", Method::GET, &[]).await?, 200);
 
     // Conditions combine: all must hold.
@@ -482,12 +600,77 @@ async fn bandwidth_limits_the_request_body() -> R {
     let client = http1_client();
     let body = pattern(256 * 1024);
     let t = Instant::now();
-    let r = send(&client, Method::POST, &edge_url(&edge, "/echo"), &[], body.clone()).await?;
+    let r = send(
+        &client,
+        Method::POST,
+        &edge_url(&edge, "/echo"),
+        &[],
+        body.clone(),
+    )
+    .await?;
     let took = t.elapsed();
     assert_eq!(r.body, body);
     // 256 KiB at 128 KiB/s minus the burst: ~1.95 s; the answer is not limited.
     assert!(
         took >= Duration::from_millis(1750) && took <= Duration::from_millis(4000),
+        "took {took:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn clearing_bandwidth_speeds_up_a_body_in_flight() -> R {
+    let up = HttpUpstream::start().await?;
+    let edge = http_edge(up.addr(), chaos("bandwidth_downstream = \"32KiB/s\"")).await?;
+    let client = http1_client();
+    let req = Request::get(edge_url(&edge, "/bytes/524288")).body(Full::new(Bytes::new()))?;
+    let mut body = client.request(req).await?.into_body();
+    let mut got = 0usize;
+    while got < 16 * 1024 {
+        let frame = tokio::time::timeout(WAIT, body.frame())
+            .await?
+            .expect("more body")?;
+        got += frame.data_ref().map_or(0, Bytes::len);
+    }
+    // At 32 KiB/s the rest would take about 15 s.
+    let t = Instant::now();
+    edge.clear_chaos();
+    while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await? {
+        got += frame?.data_ref().map_or(0, Bytes::len);
+    }
+    assert_eq!(got, 524_288);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "still throttled: {:?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bandwidth_per_connection_limits_each_connection_alone() -> R {
+    let up = HttpUpstream::start().await?;
+    let edge = http_edge(
+        up.addr(),
+        chaos("bandwidth_downstream = \"128KiB/s\"\nbandwidth_per_connection = true"),
+    )
+    .await?;
+    let t = Instant::now();
+    let mut downloads = Vec::new();
+    for _ in 0..2 {
+        // Separate clients, separate connections.
+        let url = edge_url(&edge, "/bytes/262144");
+        downloads.push(tokio::spawn(
+            async move { get(&http1_client(), &url).await },
+        ));
+    }
+    for d in downloads {
+        assert_eq!(d.await??.body.len(), 262_144);
+    }
+    // Each connection gets its own 128 KiB/s: ~1.95 s for both, where a shared limit needs ~4 s.
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1750) && took < Duration::from_millis(3300),
         "took {took:?}"
     );
     Ok(())
@@ -564,7 +747,10 @@ async fn an_unreachable_target_answers_502_and_reports_the_failure() -> R {
     assert_eq!(failed.status.as_deref(), Some("502"));
     assert_eq!(failed.path, "/anything");
     let error = failed.error.unwrap_or_default();
-    assert!(error.contains("unreachable") && error.to_lowercase().contains("refused"), "{error}");
+    assert!(
+        error.contains("unreachable") && error.to_lowercase().contains("refused"),
+        "{error}"
+    );
     Ok(())
 }
 
@@ -573,12 +759,22 @@ async fn an_upstream_crash_breaks_only_that_response() -> R {
     let up = HttpUpstream::start().await?;
     let events = EventSender::new(1024);
     let mut rx = events.subscribe();
-    let edge = edge("client", Protocol::Http, up.addr(), Default::default(), events).await?;
+    let edge = edge(
+        "client",
+        Protocol::Http,
+        up.addr(),
+        Default::default(),
+        events,
+    )
+    .await?;
     let client = http1_client();
 
     // Mid-response: the client sees its response break.
     let err = get(&client, &edge_url(&edge, "/crash?after=4096")).await;
-    assert!(err.is_err(), "a broken upstream response arrived whole: {err:?}");
+    assert!(
+        err.is_err(),
+        "a broken upstream response arrived whole: {err:?}"
+    );
     let failed = wait_event(&mut rx, WAIT, |k| match k {
         EventKind::RequestFailed(i) => Some(i.clone()),
         _ => None,
@@ -620,10 +816,24 @@ async fn events_report_started_and_completed_requests() -> R {
     let up = HttpUpstream::start().await?;
     let events = EventSender::new(1024);
     let mut rx = events.subscribe();
-    let edge = edge("client", Protocol::Http, up.addr(), Default::default(), events).await?;
+    let edge = edge(
+        "client",
+        Protocol::Http,
+        up.addr(),
+        Default::default(),
+        events,
+    )
+    .await?;
     let client = http1_client();
     let body = pattern(1000);
-    send(&client, Method::POST, &edge_url(&edge, "/echo/ev?x=1"), &[], body).await?;
+    send(
+        &client,
+        Method::POST,
+        &edge_url(&edge, "/echo/ev?x=1"),
+        &[],
+        body,
+    )
+    .await?;
 
     let started = wait_event(&mut rx, WAIT, |k| match k {
         EventKind::RequestStarted(i) => Some(i.clone()),
@@ -679,7 +889,14 @@ async fn metrics_count_requests_and_faults() -> R {
     }
     edge.clear_chaos();
     for _ in 0..3 {
-        send(&client, Method::POST, &edge_url(&edge, "/echo"), &[], "12345").await?;
+        send(
+            &client,
+            Method::POST,
+            &edge_url(&edge, "/echo"),
+            &[],
+            "12345",
+        )
+        .await?;
     }
     let text = handle.render();
     let me = ("edge", "metrics-http/api");
@@ -688,11 +905,30 @@ async fn metrics_count_requests_and_faults() -> R {
         want.extend_from_slice(extra);
         prom::value(&text, name, &want)
     };
-    assert_eq!(v("rig_edge_requests_total", &[("status", "503")]), 5.0, "{text}");
-    assert_eq!(v("rig_edge_requests_total", &[("status", "200")]), 3.0, "{text}");
-    assert_eq!(v("rig_edge_faults_injected_total", &[("fault", "error")]), 5.0, "{text}");
-    assert_eq!(v("rig_edge_bytes_total", &[("direction", "upstream")]), 15.0, "{text}");
-    assert!(v("rig_edge_bytes_total", &[("direction", "downstream")]) >= 15.0, "{text}");
+    assert_eq!(
+        v("rig_edge_requests_total", &[("status", "503")]),
+        5.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("rig_edge_requests_total", &[("status", "200")]),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("rig_edge_faults_injected_total", &[("fault", "error")]),
+        5.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("rig_edge_bytes_total", &[("direction", "upstream")]),
+        15.0,
+        "{text}"
+    );
+    assert!(
+        v("rig_edge_bytes_total", &[("direction", "downstream")]) >= 15.0,
+        "{text}"
+    );
     assert_eq!(v("rig_edge_connections_total", &[]), 1.0, "{text}");
     assert_eq!(v("rig_edge_connections_open", &[]), 1.0, "{text}");
     assert_eq!(v("rig_edge_upstream_errors_total", &[]), 0.0, "{text}");
@@ -704,20 +940,40 @@ async fn shutdown_ends_held_requests_and_closes_the_listener() -> R {
     let up = HttpUpstream::start().await?;
     let events = EventSender::new(1024);
     let mut rx = events.subscribe();
-    let edge = edge("client", Protocol::Http, up.addr(), chaos("hang_rate = 1.0"), events).await?;
+    let edge = edge(
+        "client",
+        Protocol::Http,
+        up.addr(),
+        chaos("hang_rate = 1.0"),
+        events,
+    )
+    .await?;
     let addr = edge.local_addr();
     // An idle keep-alive connection, and a request held by the hang.
     let idle = tokio::net::TcpStream::connect(addr).await?;
     let url = edge_url(&edge, "/echo");
     let held = tokio::spawn(async move { get(&http1_client(), &url).await });
-    wait_event(&mut rx, WAIT, |k| matches!(k, EventKind::RequestStarted(_)).then_some(())).await?;
+    wait_event(&mut rx, WAIT, |k| {
+        matches!(k, EventKind::RequestStarted(_)).then_some(())
+    })
+    .await?;
 
     let t = Instant::now();
     tokio::time::timeout(WAIT, edge.shutdown()).await?;
-    assert!(t.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
     let r = tokio::time::timeout(WAIT, held).await??;
-    assert!(r.is_err(), "a hung request got an answer at shutdown: {r:?}");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still listening");
+    assert!(
+        r.is_err(),
+        "a hung request got an answer at shutdown: {r:?}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still listening"
+    );
     assert_eq!(up.requests(), 0);
     drop(idle);
     Ok(())
@@ -746,10 +1002,21 @@ async fn a_client_that_gives_up_on_a_held_request_is_reported() -> R {
     let up = HttpUpstream::start().await?;
     let events = EventSender::new(1024);
     let mut rx = events.subscribe();
-    let edge = edge("client", Protocol::Http, up.addr(), chaos("hang_rate = 1.0"), events).await?;
+    let edge = edge(
+        "client",
+        Protocol::Http,
+        up.addr(),
+        chaos("hang_rate = 1.0"),
+        events,
+    )
+    .await?;
     let mut s = tokio::net::TcpStream::connect(edge.local_addr()).await?;
-    s.write_all(b"GET /echo/gone HTTP/1.1\r\nhost: rig\r\n\r\n").await?;
-    wait_event(&mut rx, WAIT, |k| matches!(k, EventKind::RequestStarted(_)).then_some(())).await?;
+    s.write_all(b"GET /echo/gone HTTP/1.1\r\nhost: rig\r\n\r\n")
+        .await?;
+    wait_event(&mut rx, WAIT, |k| {
+        matches!(k, EventKind::RequestStarted(_)).then_some(())
+    })
+    .await?;
     drop(s);
     let failed = wait_event(&mut rx, WAIT, |k| match k {
         EventKind::RequestFailed(i) => Some(i.clone()),

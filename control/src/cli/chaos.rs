@@ -151,14 +151,19 @@ pub struct ChaosSetArgs {
     #[arg(long, value_name = "N", help_heading = "Scope")]
     pub seed: Option<u64>,
     /// Revert to no chaos after this long
-    #[arg(long = "for", visible_alias = "ttl", value_name = "D", help_heading = "Scope")]
+    #[arg(
+        long = "for",
+        visible_alias = "ttl",
+        value_name = "D",
+        help_heading = "Scope"
+    )]
     pub ttl: Option<String>,
 }
 
 /// Read a chaos table from TOML: either the table itself or a file with a `[chaos]` table.
 pub fn read_chaos_file(path: &Path) -> anyhow::Result<pb::ChaosSpec> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut table: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
     if table.len() == 1
@@ -254,8 +259,12 @@ pub fn set_chaos_request(
         if !args.match_paths.is_empty() {
             m.path_prefixes.clone_from(&args.match_paths);
         }
-        m.headers
-            .extend(args.match_headers.iter().cloned().collect::<HashMap<_, _>>());
+        m.headers.extend(
+            args.match_headers
+                .iter()
+                .cloned()
+                .collect::<HashMap<_, _>>(),
+        );
         set(&mut m.grpc_service, &args.match_grpc_service);
         set(&mut m.grpc_method, &args.match_grpc_method);
     }

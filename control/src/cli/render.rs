@@ -139,11 +139,7 @@ pub fn render_chaos(resp: &pb::ChaosResponse) -> String {
             Some(c) => chaos_spec_summary(c),
             None => "no chaos".to_string(),
         };
-        let _ = writeln!(
-            out,
-            "{:<width$}  version {}  {}",
-            e.edge, e.version, chaos
-        );
+        let _ = writeln!(out, "{:<width$}  version {}  {}", e.edge, e.version, chaos);
     }
     out
 }
@@ -249,11 +245,7 @@ fn edge_chaos_cell(e: &pb::EdgeStatus) -> String {
     if is_no_chaos(e.chaos.as_ref()) {
         return "-".to_string();
     }
-    let summary = e
-        .chaos
-        .as_ref()
-        .map(chaos_spec_summary)
-        .unwrap_or_default();
+    let summary = e.chaos.as_ref().map(chaos_spec_summary).unwrap_or_default();
     format!("v{} {summary}", e.chaos_version)
 }
 
@@ -323,11 +315,7 @@ pub fn render_env_list(envs: &[pb::EnvironmentStatus], now: f64) -> String {
     let rows: Vec<Vec<String>> = envs
         .iter()
         .map(|e| {
-            let ready = e
-                .services
-                .iter()
-                .filter(|s| s.state == "ready")
-                .count();
+            let ready = e.services.iter().filter(|s| s.state == "ready").count();
             let up = if e.started_at > 0.0 {
                 format_age(now - e.started_at)
             } else {
@@ -459,20 +447,27 @@ fn event_data(ev: &pb::Event) -> Value {
     serde_json::from_str(&ev.data_json).unwrap_or_else(|_| Value::String(ev.data_json.clone()))
 }
 
-/// `12:00:01.123 #42 request.completed web/store GET /items/1 200 3.2ms`: time, sequence and
-/// type in front of the summary rigd wrote.
+/// `12:00:01.123 #42 request.completed web/store GET /items/1 200 3.2ms`: time, sequence, type
+/// and who (the edge, else the service) in front of the summary rigd wrote.
 pub fn render_event(ev: &pb::Event) -> String {
     let mut line = format!("{} #{} {}", format_clock(ev.time), ev.seq, ev.r#type);
-    let msg = if !ev.message.is_empty() {
-        ev.message.as_str()
-    } else if !ev.edge.is_empty() {
-        ev.edge.as_str()
-    } else {
+    let who = if ev.edge.is_empty() {
         ev.service.as_str()
+    } else {
+        ev.edge.as_str()
     };
-    if !msg.is_empty() {
+    // rigd's summaries of service events often start with the name already.
+    let named = ev
+        .message
+        .strip_prefix(who)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '));
+    if !who.is_empty() && !named {
         line.push(' ');
-        line.push_str(msg);
+        line.push_str(who);
+    }
+    if !ev.message.is_empty() {
+        line.push(' ');
+        line.push_str(&ev.message);
     }
     line
 }
@@ -537,9 +532,7 @@ impl LogPrefixer {
 
     fn colour_of(&mut self, service: &str) -> &'static str {
         let next = COLOURS[self.assigned.len() % COLOURS.len()];
-        self.assigned
-            .entry(service.to_string())
-            .or_insert(next)
+        self.assigned.entry(service.to_string()).or_insert(next)
     }
 
     pub fn line(&mut self, service: &str, text: &str) -> String {

@@ -41,8 +41,8 @@ pub fn up_request(file: &Path) -> anyhow::Result<pb::UpRequest> {
             file.display()
         ),
     };
-    let spec = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let spec =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     Ok(pb::UpRequest {
         spec,
         format: format.to_string(),

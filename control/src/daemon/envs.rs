@@ -169,7 +169,14 @@ async fn report(progress: &Progress, env: &str, service: &str, state: &str, mess
         .await;
 }
 
-fn publish(shared: &Shared, kind: &str, env: &str, service: &str, message: String, data: serde_json::Value) {
+fn publish(
+    shared: &Shared,
+    kind: &str,
+    env: &str,
+    service: &str,
+    message: String,
+    data: serde_json::Value,
+) {
     shared.log.publish(NewEvent {
         kind: kind.into(),
         env: env.into(),
@@ -180,34 +187,6 @@ fn publish(shared: &Shared, kind: &str, env: &str, service: &str, message: Strin
     });
 }
 
-/// Expand `${VAR}` against `env`; unknown variables expand to nothing (the spec check already
-/// flagged rig's own missing ones).
-pub fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("${") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 2..];
-        match after.find('}') {
-            Some(j) => {
-                let key = &after[..j];
-                if let Some(v) = env.get(key) {
-                    out.push_str(v);
-                } else if let Ok(v) = std::env::var(key) {
-                    out.push_str(&v);
-                }
-                rest = &after[j + 1..];
-            }
-            None => {
-                out.push_str(&rest[i..]);
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 async fn free_port() -> std::io::Result<TcpListener> {
     TcpListener::bind("127.0.0.1:0").await
 }
@@ -215,7 +194,12 @@ async fn free_port() -> std::io::Result<TcpListener> {
 impl Registry {
     /// Bring a spec up. Progress goes to `progress`; on error everything started is stopped
     /// again before this returns.
-    pub async fn up(&self, shared: &Arc<Shared>, req: pb::UpRequest, progress: Progress) -> Result<Arc<Env>, Status> {
+    pub async fn up(
+        &self,
+        shared: &Arc<Shared>,
+        req: pb::UpRequest,
+        progress: Progress,
+    ) -> Result<Arc<Env>, Status> {
         let format = match req.format.as_str() {
             "toml" | "" => spec::Format::Toml,
             "json" => spec::Format::Json,
@@ -225,7 +209,11 @@ impl Registry {
                 )));
             }
         };
-        let origin = if req.origin.is_empty() { "spec" } else { req.origin.as_str() };
+        let origin = if req.origin.is_empty() {
+            "spec"
+        } else {
+            req.origin.as_str()
+        };
         let spec = spec::parse(&req.spec, format, origin)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         spec::check_ports(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -245,9 +233,14 @@ impl Registry {
                     spec.name, spec.name
                 )));
             }
-            envs.insert(spec.name.clone(), Arc::new(placeholder(&spec, origin, claim.clone())));
+            envs.insert(
+                spec.name.clone(),
+                Arc::new(placeholder(&spec, origin, claim.clone())),
+            );
         }
-        let result = self.start(shared, &spec, origin, &base_dir, &progress, claim).await;
+        let result = self
+            .start(shared, &spec, origin, &base_dir, &progress, claim)
+            .await;
         let mut envs = self.envs.lock().await;
         match result {
             Ok(env) => {
@@ -281,12 +274,12 @@ impl Registry {
                 let addr = match ing.port {
                     Some(p) => SocketAddr::from(([127, 0, 0, 1], p)),
                     None => {
-                        let l = free_port()
-                            .await
-                            .map_err(|e| Status::internal(format!("cannot allocate a port: {e}")))?;
-                        let a = l
-                            .local_addr()
-                            .map_err(|e| Status::internal(format!("cannot allocate a port: {e}")))?;
+                        let l = free_port().await.map_err(|e| {
+                            Status::internal(format!("cannot allocate a port: {e}"))
+                        })?;
+                        let a = l.local_addr().map_err(|e| {
+                            Status::internal(format!("cannot allocate a port: {e}"))
+                        })?;
                         held.insert((svc.name.clone(), ing.name.clone()), l);
                         a
                     }
@@ -346,7 +339,10 @@ impl Registry {
             &env_name,
             "",
             "proxies-ready",
-            format!("{} edge proxies listening", edges.values().filter(|e| e.proxy.is_some()).count()),
+            format!(
+                "{} edge proxies listening",
+                edges.values().filter(|e| e.proxy.is_some()).count()
+            ),
         )
         .await;
 
@@ -360,7 +356,9 @@ impl Registry {
                 let mut ingresses = Vec::new();
                 for ing in svc.ingresses.values() {
                     let addr = addrs[&(svc.name.clone(), ing.name.clone())];
-                    let prefix = if ing.name == "default" {
+                    // The service's only ingress, or the one named `default`, gets HOST/PORT.
+                    let is_default = svc.default_ingress().is_some_and(|d| d.name == ing.name);
+                    let prefix = if is_default {
                         String::new()
                     } else {
                         format!("{}_", env_prefix(&ing.name))
@@ -381,7 +379,8 @@ impl Registry {
                     env.insert(format!("{p}_HOST"), a.ip().to_string());
                     env.insert(format!("{p}_PORT"), a.port().to_string());
                     env.insert(format!("{p}_ADDR"), a.to_string());
-                    let url = matches!(eg.protocol, Protocol::Http | Protocol::Grpc).then(|| format!("http://{a}"));
+                    let url = matches!(eg.protocol, Protocol::Http | Protocol::Grpc)
+                        .then(|| format!("http://{a}"));
                     if let Some(u) = &url {
                         env.insert(format!("{p}_URL"), u.clone());
                     }
@@ -401,8 +400,22 @@ impl Registry {
                     serde_json::json!({"env": env_name, "service": svc.name, "ingresses": wiring_ingresses, "egresses": wiring_egresses})
                         .to_string(),
                 );
-                let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.clone(), expand(v, &env))).collect();
-                let command = svc.command.iter().map(|a| expand(a, &env)).collect();
+                let lookup = |k: &str| env.get(k).cloned().or_else(|| std::env::var(k).ok());
+                let expanded = |what: &str, v: &str| {
+                    spec::expand_vars(v, lookup).map_err(|e| {
+                        Status::invalid_argument(format!("service {}: {what}: {e}", svc.name))
+                    })
+                };
+                let mut expanded_env = BTreeMap::new();
+                for (k, v) in &env {
+                    expanded_env.insert(k.clone(), expanded(&format!("env {k}"), v)?);
+                }
+                let command = svc
+                    .command
+                    .iter()
+                    .map(|a| expanded("command", a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let env = expanded_env;
                 let cwd = match &svc.cwd {
                     Some(c) if c.is_absolute() => c.clone(),
                     Some(c) => base_dir.join(c),
@@ -478,13 +491,23 @@ impl Registry {
                 match s.await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => failure = failure.or(Some(e)),
-                    Err(e) => failure = failure.or(Some(Status::internal(format!("start task failed: {e}")))),
+                    Err(e) => {
+                        failure =
+                            failure.or(Some(Status::internal(format!("start task failed: {e}"))))
+                    }
                 }
             }
             if let Some(e) = failure {
                 *lock(&env.state) = "stopping";
                 stop_env(shared, &env).await;
-                publish(shared, "environment.down", &env_name, "", format!("{env_name} failed to start"), serde_json::json!({"reason": e.message()}));
+                publish(
+                    shared,
+                    "environment.down",
+                    &env_name,
+                    "",
+                    format!("{env_name} failed to start"),
+                    serde_json::json!({"reason": e.message()}),
+                );
                 return Err(e);
             }
         }
@@ -492,7 +515,9 @@ impl Registry {
 
         // 5. Watch every service for an unexpected exit.
         for svc in &env.services {
-            let Some(child) = lock(&svc.child).clone() else { continue };
+            let Some(child) = lock(&svc.child).clone() else {
+                continue;
+            };
             let svc = svc.clone();
             let env2 = env.clone();
             let shared2 = shared.clone();
@@ -507,7 +532,7 @@ impl Registry {
                         *lock(&env2.state) = "degraded";
                         metrics::gauge!("rig_service_up", "env" => env2.name.clone(), "service" => svc.name.clone()).set(0.0);
                         metrics::gauge!("rig_service_ready", "env" => env2.name.clone(), "service" => svc.name.clone()).set(0.0);
-                        metrics::counter!("rig_service_restarts_total", "env" => env2.name.clone(), "service" => svc.name.clone()).increment(0);
+                        metrics::counter!("rig_service_exits_total", "env" => env2.name.clone(), "service" => svc.name.clone()).increment(1);
                         let last: Vec<String> = child.recent_logs().iter().rev().take(10).rev().map(|l| l.line.clone()).collect();
                         publish(&shared2, "service.failed", &env2.name, &svc.name, format!("{} {why}", svc.name), serde_json::json!({"exit": why, "last_logs": last}));
                     }
@@ -516,7 +541,14 @@ impl Registry {
         }
 
         let n = env.services.len();
-        publish(shared, "environment.up", &env_name, "", format!("{env_name} is up: {n} services, {} edges", env.edges.len()), serde_json::json!({"origin": origin}));
+        publish(
+            shared,
+            "environment.up",
+            &env_name,
+            "",
+            format!("{env_name} is up: {n} services, {} edges", env.edges.len()),
+            serde_json::json!({"origin": origin}),
+        );
         let _ = progress
             .send(Ok(pb::UpProgress {
                 env: env_name.clone(),
@@ -530,12 +562,19 @@ impl Registry {
     }
 
     /// Bring an environment down; `name` empty means the only one.
-    pub async fn down(&self, shared: &Arc<Shared>, name: &str) -> Result<(String, Vec<String>), Status> {
+    pub async fn down(
+        &self,
+        shared: &Arc<Shared>,
+        name: &str,
+    ) -> Result<(String, Vec<String>), Status> {
         let env = {
             let mut envs = self.envs.lock().await;
             let name = resolve_name(&envs, name)?;
-            if *lock(&envs[&name].state) == "starting" && !envs[&name].services.iter().any(|_| true) {
-                return Err(Status::failed_precondition(format!("environment {name:?} is still starting")));
+            // A placeholder: its `up` is still running and will finish or undo it.
+            if envs[&name].services.is_empty() && *lock(&envs[&name].state) == "starting" {
+                return Err(Status::failed_precondition(format!(
+                    "environment {name:?} is still starting"
+                )));
             }
             let env = envs.remove(&name).expect("resolved name exists");
             metrics::gauge!("rig_environments").set(envs.len() as f64);
@@ -543,7 +582,14 @@ impl Registry {
         };
         *lock(&env.state) = "stopping";
         let stopped = stop_env(shared, &env).await;
-        publish(shared, "environment.down", &env.name, "", format!("{} is down", env.name), serde_json::json!({"stopped": stopped}));
+        publish(
+            shared,
+            "environment.down",
+            &env.name,
+            "",
+            format!("{} is down", env.name),
+            serde_json::json!({"stopped": stopped}),
+        );
         Ok((env.name.clone(), stopped))
     }
 
@@ -575,11 +621,17 @@ fn resolve_name(envs: &BTreeMap<String, Arc<Env>>, name: &str) -> Result<String,
         let known: Vec<&str> = envs.keys().map(String::as_str).collect();
         return Err(Status::not_found(format!(
             "no environment named {name:?} (running: {})",
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
         )));
     }
     match envs.len() {
-        0 => Err(Status::not_found("no environment is running (start one with `rigctl up FILE`)")),
+        0 => Err(Status::not_found(
+            "no environment is running (start one with `rigctl up FILE`)",
+        )),
         1 => Ok(envs.keys().next().cloned().unwrap_or_default()),
         _ => Err(Status::invalid_argument(format!(
             "several environments are running ({}): name one with --env",
@@ -612,8 +664,22 @@ async fn start_service(
 ) -> Result<(), Status> {
     let started = Instant::now();
     *lock(&svc.state) = "starting";
-    report(progress, env_name, &svc.name, "starting", svc.command.join(" ")).await;
-    publish(shared, "service.starting", env_name, &svc.name, svc.command.join(" "), serde_json::json!({"command": svc.command}));
+    report(
+        progress,
+        env_name,
+        &svc.name,
+        "starting",
+        svc.command.join(" "),
+    )
+    .await;
+    publish(
+        shared,
+        "service.starting",
+        env_name,
+        &svc.name,
+        svc.command.join(" "),
+        serde_json::json!({"command": svc.command}),
+    );
     let pspec = ProcessSpec {
         name: svc.name.clone(),
         argv: svc.command.clone(),
@@ -629,7 +695,8 @@ async fn start_service(
         }
     };
     *lock(&svc.child) = Some(child.clone());
-    metrics::gauge!("rig_service_up", "env" => env_name.to_string(), "service" => svc.name.clone()).set(1.0);
+    metrics::gauge!("rig_service_up", "env" => env_name.to_string(), "service" => svc.name.clone())
+        .set(1.0);
 
     for (ing, protocol, addr, ready) in &svc.ingresses {
         let probe = wait_ready(*protocol, *addr, ready);
@@ -650,14 +717,29 @@ async fn start_service(
     }
     *lock(&svc.state) = "ready";
     metrics::gauge!("rig_service_ready", "env" => env_name.to_string(), "service" => svc.name.clone()).set(1.0);
-    let addrs: Vec<String> = svc.ingresses.iter().map(|(_, _, a, _)| a.to_string()).collect();
+    let addrs: Vec<String> = svc
+        .ingresses
+        .iter()
+        .map(|(_, _, a, _)| a.to_string())
+        .collect();
     let msg = format!(
         "{} ready ({}) {:.2}s",
         svc.name,
-        if addrs.is_empty() { "no ingress".to_string() } else { addrs.join(", ") },
+        if addrs.is_empty() {
+            "no ingress".to_string()
+        } else {
+            addrs.join(", ")
+        },
         started.elapsed().as_secs_f64()
     );
-    publish(shared, "service.ready", env_name, &svc.name, msg.clone(), serde_json::json!({"pid": child.pid(), "addresses": addrs}));
+    publish(
+        shared,
+        "service.ready",
+        env_name,
+        &svc.name,
+        msg.clone(),
+        serde_json::json!({"pid": child.pid(), "addresses": addrs}),
+    );
     report(progress, env_name, &svc.name, "ready", msg).await;
     Ok(())
 }
@@ -673,7 +755,14 @@ async fn fail(
     *lock(&svc.state) = "failed";
     *lock(&svc.exit) = Some(msg.clone());
     let tail: Vec<String> = logs.iter().rev().take(20).rev().cloned().collect();
-    publish(shared, "service.failed", env_name, &svc.name, msg.clone(), serde_json::json!({"reason": msg, "last_logs": tail}));
+    publish(
+        shared,
+        "service.failed",
+        env_name,
+        &svc.name,
+        msg.clone(),
+        serde_json::json!({"reason": msg, "last_logs": tail}),
+    );
     let _ = progress
         .send(Ok(pb::UpProgress {
             env: env_name.into(),
@@ -700,12 +789,20 @@ async fn fail(
 async fn stop_env(shared: &Arc<Shared>, env: &Arc<Env>) -> Vec<String> {
     env.cancel.cancel();
     let mut stopped = Vec::new();
-    let levels: Vec<&Vec<String>> = if env.order.is_empty() { Vec::new() } else { env.order.iter().rev().collect() };
+    let levels: Vec<&Vec<String>> = if env.order.is_empty() {
+        Vec::new()
+    } else {
+        env.order.iter().rev().collect()
+    };
     for level in levels {
         let mut stops = Vec::new();
         for name in level {
-            let Some(svc) = env.services.iter().find(|s| &s.name == name).cloned() else { continue };
-            let Some(child) = lock(&svc.child).take() else { continue };
+            let Some(svc) = env.services.iter().find(|s| &s.name == name).cloned() else {
+                continue;
+            };
+            let Some(child) = lock(&svc.child).take() else {
+                continue;
+            };
             let shared = shared.clone();
             let env_name = env.name.clone();
             stops.push(tokio::spawn(async move {
@@ -740,14 +837,21 @@ async fn wait_ready(protocol: Protocol, addr: SocketAddr, ready: &Readiness) -> 
     let mut wait = Duration::from_millis(5);
     let mut last;
     loop {
-        let r = tokio::time::timeout(Duration::from_secs(2).min(timeout), probe(protocol, addr, ready)).await;
+        let r = tokio::time::timeout(
+            Duration::from_secs(2).min(timeout),
+            probe(protocol, addr, ready),
+        )
+        .await;
         match r {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => last = e,
             Err(_) => last = "probe timed out".into(),
         }
         if Instant::now() + wait > deadline {
-            return Err(format!("not ready after {}: {last}", humantime::format_duration(timeout)));
+            return Err(format!(
+                "not ready after {}: {last}",
+                humantime::format_duration(timeout)
+            ));
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_millis(500));
@@ -765,11 +869,15 @@ async fn probe(_protocol: Protocol, addr: SocketAddr, ready: &Readiness) -> Resu
             use http_body_util::Empty;
             use hyper_util::client::legacy::Client;
             use hyper_util::rt::TokioExecutor;
-            let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+            let client: Client<_, Empty<bytes::Bytes>> =
+                Client::builder(TokioExecutor::new()).build_http();
             let uri: http::Uri = format!("http://{addr}{path}")
                 .parse()
                 .map_err(|e| format!("bad readiness path: {e}"))?;
-            let resp = client.get(uri).await.map_err(|e| format!("GET {path}: {e}"))?;
+            let resp = client
+                .get(uri)
+                .await
+                .map_err(|e| format!("GET {path}: {e}"))?;
             if resp.status().as_u16() < 500 {
                 Ok(())
             } else {
@@ -826,9 +934,17 @@ fn select<'a>(env: &'a Env, selector: &pb::EdgeSelector) -> Result<Vec<&'a EdgeR
             let known: Vec<&str> = env.edges.keys().map(String::as_str).collect();
             return Err(Status::not_found(format!(
                 "no edge matches {pat:?}{} in environment {:?} (edges: {})",
-                if selector.to.is_empty() { String::new() } else { format!(" --to {}", selector.to) },
+                if selector.to.is_empty() {
+                    String::new()
+                } else {
+                    format!(" --to {}", selector.to)
+                },
                 env.name,
-                if known.is_empty() { "none".into() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
             )));
         }
         for m in matched {
@@ -906,7 +1022,10 @@ impl Env {
     }
 
     pub fn get_chaos(&self, selector: &pb::EdgeSelector) -> Result<Vec<pb::EdgeChaos>, Status> {
-        Ok(select(self, selector)?.into_iter().map(|e| edge_chaos(self, e)).collect())
+        Ok(select(self, selector)?
+            .into_iter()
+            .map(|e| edge_chaos(self, e))
+            .collect())
     }
 
     /// The environment as `Status` reports it.
@@ -958,19 +1077,4 @@ impl Env {
                 .collect(),
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expands_known_variables() {
-        let mut env = BTreeMap::new();
-        env.insert("STORE_ADDR".to_string(), "127.0.0.1:9".to_string());
-        assert_eq!(expand("--store=${STORE_ADDR}/x", &env), "--store=127.0.0.1:9/x");
-        assert_eq!(expand("${NOPE_NOT_SET_ANYWHERE}", &env), "");
-        assert_eq!(expand("open ${", &env), "open ${");
-    }
-
 }

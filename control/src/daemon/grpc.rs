@@ -44,17 +44,37 @@ impl Environments for Api {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn down(&self, req: Request<pb::DownRequest>) -> Result<Response<pb::DownResponse>, Status> {
-        let (env, stopped) = self.shared.envs.down(&self.shared, &req.get_ref().env).await?;
+    async fn down(
+        &self,
+        req: Request<pb::DownRequest>,
+    ) -> Result<Response<pb::DownResponse>, Status> {
+        let (env, stopped) = self
+            .shared
+            .envs
+            .down(&self.shared, &req.get_ref().env)
+            .await?;
         Ok(Response::new(pb::DownResponse { env, stopped }))
     }
 
-    async fn list(&self, _req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
-        let environments = self.shared.envs.list().await.iter().map(|e| e.status()).collect();
+    async fn list(
+        &self,
+        _req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let environments = self
+            .shared
+            .envs
+            .list()
+            .await
+            .iter()
+            .map(|e| e.status())
+            .collect();
         Ok(Response::new(pb::ListResponse { environments }))
     }
 
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::EnvironmentStatus>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::EnvironmentStatus>, Status> {
         let env = self.shared.envs.get(&req.get_ref().env).await?;
         Ok(Response::new(env.status()))
     }
@@ -66,7 +86,10 @@ fn selector(s: Option<pb::EdgeSelector>) -> pb::EdgeSelector {
 
 #[tonic::async_trait]
 impl Chaos for Api {
-    async fn set(&self, req: Request<pb::SetChaosRequest>) -> Result<Response<pb::ChaosResponse>, Status> {
+    async fn set(
+        &self,
+        req: Request<pb::SetChaosRequest>,
+    ) -> Result<Response<pb::ChaosResponse>, Status> {
         let req = req.into_inner();
         let sel = selector(req.selector);
         let spec = crate::convert::chaos_from_pb(req.chaos.unwrap_or_default())
@@ -81,7 +104,10 @@ impl Chaos for Api {
         Ok(Response::new(pb::ChaosResponse { edges }))
     }
 
-    async fn get(&self, req: Request<pb::GetChaosRequest>) -> Result<Response<pb::ChaosResponse>, Status> {
+    async fn get(
+        &self,
+        req: Request<pb::GetChaosRequest>,
+    ) -> Result<Response<pb::ChaosResponse>, Status> {
         let sel = selector(req.into_inner().selector);
         let env = self.shared.envs.get(&sel.env).await?;
         Ok(Response::new(pb::ChaosResponse {
@@ -89,7 +115,10 @@ impl Chaos for Api {
         }))
     }
 
-    async fn clear(&self, req: Request<pb::ClearChaosRequest>) -> Result<Response<pb::ChaosResponse>, Status> {
+    async fn clear(
+        &self,
+        req: Request<pb::ClearChaosRequest>,
+    ) -> Result<Response<pb::ChaosResponse>, Status> {
         let sel = selector(req.into_inner().selector);
         let env = self.shared.envs.get(&sel.env).await?;
         let edges = env.set_chaos(&self.shared, &sel, "clear", |_| ChaosSpec::default())?;
@@ -128,8 +157,17 @@ impl Chaos for Api {
             .iter()
             .find(|p| p.name == req.preset)
             .ok_or_else(|| {
-                let names: Vec<&str> = self.shared.presets.iter().map(|p| p.name.as_str()).collect();
-                Status::not_found(format!("no preset named {:?} (presets: {})", req.preset, names.join(", ")))
+                let names: Vec<&str> = self
+                    .shared
+                    .presets
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect();
+                Status::not_found(format!(
+                    "no preset named {:?} (presets: {})",
+                    req.preset,
+                    names.join(", ")
+                ))
             })?
             .clone();
         let env = self.shared.envs.get(&sel.env).await?;
@@ -143,7 +181,10 @@ impl Chaos for Api {
 impl Events for Api {
     type WatchStream = BoxStream<pb::Event>;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let req = req.into_inner();
         let filter = Filter {
             types: req.types,
@@ -151,7 +192,11 @@ impl Events for Api {
             service: req.service,
             edge: req.edge,
         };
-        let after = if req.only_new { self.shared.log.last_seq() } else { req.after_seq };
+        let after = if req.only_new {
+            self.shared.log.last_seq()
+        } else {
+            req.after_seq
+        };
         let (replay, mut live) = self.shared.log.replay_and_follow(after);
         let (tx, rx) = mpsc::channel(1024);
         let follow = req.follow;
@@ -188,8 +233,11 @@ impl Events for Api {
                             seq: 0,
                             r#type: "events.lagged".into(),
                             time: crate::eventlog::unix_secs(std::time::SystemTime::now()),
-                            message: format!("this follower missed {n} events (resume with --since {last})"),
-                            data_json: serde_json::json!({"missed": n, "resume_after": last}).to_string(),
+                            message: format!(
+                                "this follower missed {n} events (resume with --since {last})"
+                            ),
+                            data_json: serde_json::json!({"missed": n, "resume_after": last})
+                                .to_string(),
                             ..Default::default()
                         };
                         if tx.send(Ok(note)).await.is_err() {

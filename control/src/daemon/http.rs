@@ -79,7 +79,10 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
         // A trailers-only gRPC answer, so gRPC clients see UNAUTHENTICATED.
         let mut resp = Response::new(axum::body::Body::empty());
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         h.insert("grpc-status", HeaderValue::from_static("16"));
         h.insert(
             "grpc-message",
@@ -143,7 +146,12 @@ async fn events(
     let filter = Filter {
         types: q
             .types
-            .map(|t| t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .map(|t| {
+                t.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default(),
         env: q.env.unwrap_or_default(),
         service: q.service.unwrap_or_default(),

@@ -57,13 +57,11 @@ impl DaemonConfig {
 /// `host:port` or `http://host:port`.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     let t = s.trim();
-    let t = t
-        .strip_prefix("http://")
-        .unwrap_or(t)
-        .trim_end_matches('/');
+    let t = t.strip_prefix("http://").unwrap_or(t).trim_end_matches('/');
     let t = t.replace("localhost:", "127.0.0.1:");
-    t.parse()
-        .map_err(|e| format!("invalid address {s:?}: {e} (expected host:port, e.g. 127.0.0.1:7447)"))
+    t.parse().map_err(|e| {
+        format!("invalid address {s:?}: {e} (expected host:port, e.g. 127.0.0.1:7447)")
+    })
 }
 
 /// `$XDG_RUNTIME_DIR/rig`, or `/tmp/rig-$UID`.
@@ -168,10 +166,19 @@ fn describe_control_metrics() {
     use metrics::{describe_counter, describe_gauge};
     describe_gauge!("rig_environments", "Environments running in this rigd");
     describe_gauge!("rig_service_up", "1 while a service's process runs, else 0");
-    describe_gauge!("rig_service_ready", "1 once a service passed its readiness check");
-    describe_counter!("rig_chaos_changes_total", "Chaos policy changes applied to edges");
+    describe_gauge!(
+        "rig_service_ready",
+        "1 once a service passed its readiness check"
+    );
+    describe_counter!(
+        "rig_chaos_changes_total",
+        "Chaos policy changes applied to edges"
+    );
     describe_counter!("rig_events_total", "Events logged by rigd");
-    describe_counter!("rig_service_restarts_total", "Unexpected service exits");
+    describe_counter!(
+        "rig_service_exits_total",
+        "Services that exited while their environment was up"
+    );
 }
 
 /// Start rigd: check the configuration, sweep orphans of a previous rigd, bind, and serve.

@@ -1,6 +1,7 @@
 //! The file as written: strict serde structs (`deny_unknown_fields` everywhere), shared by TOML
 //! and JSON. Values wrong on their own (a duration of "5xs", a port of 70000, an unknown
-//! protocol) fail here, with the position serde reports.
+//! protocol) fail here, with the position serde reports. `expecting` names the tables in type
+//! errors ("expected an ingress table") instead of the Rust struct.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,7 +11,7 @@ use serde::Deserialize;
 use serde::de::value::MapAccessDeserializer;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a spec table")]
 pub(crate) struct RawSpec {
     pub(crate) name: String,
     pub(crate) seed: Option<u64>,
@@ -20,7 +21,10 @@ pub(crate) struct RawSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a service table (command, cwd, env, stop_grace, ingresses, egresses)"
+)]
 pub(crate) struct RawService {
     pub(crate) command: Vec<String>,
     pub(crate) cwd: Option<String>,
@@ -34,7 +38,10 @@ pub(crate) struct RawService {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an ingress table (protocol, port, ready)"
+)]
 pub(crate) struct RawIngress {
     pub(crate) protocol: Protocol,
     pub(crate) port: Option<u16>,
@@ -49,7 +56,10 @@ pub(crate) enum RawReady {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a ready table (path, service, timeout)"
+)]
 pub(crate) struct RawReadyOptions {
     pub(crate) path: Option<String>,
     pub(crate) service: Option<String>,
@@ -78,7 +88,10 @@ impl<'de> Deserialize<'de> for RawReady {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an egress table (service, ingress, observe, chaos)"
+)]
 pub(crate) struct RawEgress {
     pub(crate) service: String,
     pub(crate) ingress: Option<String>,

@@ -159,6 +159,53 @@ impl Source {
         }
     }
 
+    /// The text of a span, when it is one.
+    pub(crate) fn text_at(&self, span: Range<usize>) -> Option<&str> {
+        self.text.get(span)
+    }
+
+    /// TOML only, for keys that are not in the tree (a duplicate): the path of the key ending
+    /// at `end`, read from the text: the last `[table]` header above plus the dotted key at the
+    /// start of the line. `None` when the line is not a plain `key = value` or header.
+    pub(crate) fn dotted_key_at(&self, end: usize) -> Option<FieldPath> {
+        let text = self.text.get(..end)?;
+        let line_start = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let key_text = text[line_start..].trim();
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '"' | ' '))
+        };
+        let split = |s: &str| -> Vec<Seg> {
+            s.split('.')
+                .map(|k| Seg::Key(k.trim().trim_matches('"').to_owned()))
+                .collect()
+        };
+        if let Some(header) = key_text.strip_prefix('[') {
+            let header = header.trim_start_matches('[');
+            return plain(header).then(|| FieldPath(split(header)));
+        }
+        if !plain(key_text) {
+            return None;
+        }
+        // The table this line belongs to: the closest header above it.
+        let mut path = Vec::new();
+        for line in text[..line_start].lines().rev() {
+            let l = line.trim();
+            if let Some(h) = l.strip_prefix('[') {
+                let h = h.trim_start_matches('[');
+                let h = h.split(']').next().unwrap_or("");
+                if !plain(h) {
+                    return None;
+                }
+                path = split(h);
+                break;
+            }
+        }
+        path.extend(split(key_text));
+        Some(FieldPath(path))
+    }
+
     /// Whether the file has exactly this field (not just part of its path).
     pub(crate) fn has(&self, path: &FieldPath) -> bool {
         let Some(mut node) = self.root.as_ref() else {
@@ -431,8 +478,8 @@ impl JsonScanner<'_> {
             }
             let key_span = self.string()?;
             // serde_json decodes the escapes; the slice is at ASCII quotes, so it is valid UTF-8.
-            let key: String =
-                serde_json::from_str(&self.text[key_span.clone()]).map_err(|_| JsonScan::Invalid)?;
+            let key: String = serde_json::from_str(&self.text[key_span.clone()])
+                .map_err(|_| JsonScan::Invalid)?;
             if !seen.insert(key.clone()) {
                 let mut path = self.path.clone();
                 path.push(Seg::Key(key));
@@ -523,12 +570,16 @@ mod tests {
             pos(4, 17)
         );
         assert_eq!(
-            src.locate(&FieldPath::new(&["services", "web", "egresses", "store", "service"])),
+            src.locate(&FieldPath::new(&[
+                "services", "web", "egresses", "store", "service"
+            ])),
             pos(6, 1)
         );
         // A missing key falls back to the deepest part that exists.
         assert_eq!(
-            src.locate(&FieldPath::new(&["services", "web", "egresses", "store", "ingress"])),
+            src.locate(&FieldPath::new(&[
+                "services", "web", "egresses", "store", "ingress"
+            ])),
             pos(5, 24)
         );
         let at = text.find("\"store\"").unwrap_or(0);
@@ -557,7 +608,10 @@ mod tests {
             other => panic!("expected a duplicate, got {other:?}"),
         }
         assert!(matches!(json_tree("{\"a\": }"), Err(JsonScan::Invalid)));
-        assert!(matches!(json_tree(&"[".repeat(1000)), Err(JsonScan::Invalid)));
+        assert!(matches!(
+            json_tree(&"[".repeat(1000)),
+            Err(JsonScan::Invalid)
+        ));
     }
 
     #[test]

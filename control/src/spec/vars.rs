@@ -106,9 +106,21 @@ mod tests {
             expand_vars("${NOPE}", look),
             Err("variable NOPE is not set".to_owned())
         );
-        assert!(expand_vars("${PORT", look).unwrap_err().contains("unterminated"));
-        assert!(expand_vars("${9X}", look).unwrap_err().contains("invalid variable name"));
-        assert!(expand_vars("${}", look).unwrap_err().contains("invalid variable name"));
+        assert!(
+            expand_vars("${PORT", look)
+                .unwrap_err()
+                .contains("unterminated")
+        );
+        assert!(
+            expand_vars("${9X}", look)
+                .unwrap_err()
+                .contains("invalid variable name")
+        );
+        assert!(
+            expand_vars("${}", look)
+                .unwrap_err()
+                .contains("invalid variable name")
+        );
     }
 
     #[test]

@@ -69,7 +69,11 @@ pub(crate) fn group_alive(pgid: Pid) -> bool {
 
 fn live_member(pgid: i32) -> Option<bool> {
     for entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         if let Some(stat) = stat(pid)

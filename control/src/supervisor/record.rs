@@ -71,9 +71,8 @@ impl ChildRecord {
     /// Reads a record written by [`ChildRecord::write`].
     pub fn read(path: &Path) -> io::Result<ChildRecord> {
         let text = fs::read_to_string(path)?;
-        ChildRecord::parse(&text).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "malformed child record")
-        })
+        ChildRecord::parse(&text)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed child record"))
     }
 
     fn to_text(&self) -> String {
@@ -198,7 +197,12 @@ fn kill_orphaned_group(record: &ChildRecord) -> bool {
         debug!(service = %record.service, pgid, "recorded process group id was recycled; not killing");
         return false;
     }
-    match killpg(Pid::from_raw(pgid), Signal::SIGKILL) {
+    let group = Pid::from_raw(pgid);
+    // Only zombies left (or nothing): not a group to kill.
+    if !procfs::group_alive(group) {
+        return false;
+    }
+    match killpg(group, Signal::SIGKILL) {
         Ok(()) => {
             info!(service = %record.service, pgid, rigd_pid = record.rigd_pid, "killed a process group left by a previous rigd");
             true
@@ -243,7 +247,12 @@ mod tests {
     #[test]
     fn incomplete_record_is_rejected() {
         assert_eq!(ChildRecord::parse("service=x\npid=1\n"), None);
-        assert_eq!(ChildRecord::parse("service=x\npid=one\npgid=1\nchild_start=0\nrigd_pid=1\nrigd_start=0\n"), None);
+        assert_eq!(
+            ChildRecord::parse(
+                "service=x\npid=one\npgid=1\nchild_start=0\nrigd_pid=1\nrigd_start=0\n"
+            ),
+            None
+        );
     }
 
     #[test]

@@ -109,7 +109,9 @@ fn resolve_program(
         };
     }
     // Relative PATH entries are relative to the child's working directory.
-    let base = cwd.map(Path::to_path_buf).or_else(|| env::current_dir().ok());
+    let base = cwd
+        .map(Path::to_path_buf)
+        .or_else(|| env::current_dir().ok());
     let mut not_executable = None;
     for dir in env::split_paths(path) {
         let dir = if dir.as_os_str().is_empty() {
@@ -239,7 +241,11 @@ mod tests {
     fn exe_dir_comes_first_then_the_spec_path() {
         let path = child_path(Some(OsStr::new("/opt/a:/opt/b")));
         let dirs: Vec<PathBuf> = env::split_paths(&path).collect();
-        let exe_dir = env::current_exe().expect("exe").parent().expect("dir").to_path_buf();
+        let exe_dir = env::current_exe()
+            .expect("exe")
+            .parent()
+            .expect("dir")
+            .to_path_buf();
         assert_eq!(dirs, [exe_dir, "/opt/a".into(), "/opt/b".into()]);
     }
 
@@ -253,7 +259,8 @@ mod tests {
 
     #[test]
     fn missing_program_names_service_program_and_path() {
-        let err = resolve_program("web", "rig-dem", None, OsStr::new("/x:/y")).expect_err("missing");
+        let err =
+            resolve_program("web", "rig-dem", None, OsStr::new("/x:/y")).expect_err("missing");
         assert_eq!(
             err.to_string(),
             "service web: cannot start \"rig-dem\": No such file or directory (searched PATH /x:/y)"

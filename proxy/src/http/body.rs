@@ -7,8 +7,8 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -19,7 +19,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use crate::edge::{Active, EdgeCtx, Limiter, Limiters};
 use crate::events::{EventKind, FaultKind, RequestInfo};
 use crate::metrics::EdgeMetrics;
+use crate::policy::BandwidthFault;
 use crate::policy::{GrpcCode, grpc_path_parts};
+use tokio::sync::watch;
 
 use super::grpc;
 
@@ -30,15 +32,45 @@ pub(crate) enum Dir {
     Down,
 }
 
+/// The token buckets of a per-connection bandwidth limit, with the policy version they belong
+/// to; shared by the requests of one downstream connection.
+#[derive(Default)]
+pub(crate) struct ConnLimiters(Mutex<Option<(u64, Arc<Limiters>)>>);
+
+impl ConnLimiters {
+    fn get(&self, version: u64, bw: &BandwidthFault) -> Arc<Limiters> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((v, l)) = &*g
+            && *v == version
+        {
+            return l.clone();
+        }
+        let l = Arc::new(Limiters::new(bw));
+        *g = Some((version, l.clone()));
+        l
+    }
+}
+
 /// Where a throttle's token buckets live: the policy snapshot (edge-wide limits) or the
 /// downstream connection (per-connection limits).
 #[derive(Clone)]
-pub(crate) enum LimiterRef {
+enum LimiterRef {
     Edge(Arc<Active>),
     Conn(Arc<Limiters>),
 }
 
 impl LimiterRef {
+    /// The limiter `active` puts on `dir`, if any.
+    fn resolve(active: &Arc<Active>, conn: &ConnLimiters, dir: Dir) -> Option<LimiterRef> {
+        let bw = active.policy.bandwidth?;
+        let lim = if bw.per_connection {
+            LimiterRef::Conn(conn.get(active.version, &bw))
+        } else {
+            LimiterRef::Edge(active.clone())
+        };
+        lim.get(dir).is_some().then_some(lim)
+    }
+
     fn get(&self, dir: Dir) -> Option<&Limiter> {
         let l = match self {
             LimiterRef::Edge(a) => a.limiters.as_ref()?,
@@ -54,11 +86,15 @@ impl LimiterRef {
 type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Lets data frames through a byte-rate limiter, cutting frames larger than the burst so a
-/// big frame cannot pass at once.
+/// big frame cannot pass at once. It follows the policy: a change retunes the body in flight
+/// at once (a wait for a permit is cut short), and a policy without a limit this way lets the
+/// rest of the body through unthrottled.
 pub(crate) struct Throttle {
-    lim: LimiterRef,
     dir: Dir,
-    burst: usize,
+    /// `None` once the policy no longer limits this way.
+    lim: Option<LimiterRef>,
+    policy: watch::Receiver<Arc<Active>>,
+    conn: Arc<ConnLimiters>,
     /// The permit being waited for, and the chunk it is for.
     wait: Option<(Wait, Bytes)>,
     /// The rest of a frame larger than the burst.
@@ -66,13 +102,16 @@ pub(crate) struct Throttle {
 }
 
 impl Throttle {
-    /// `None` when there is no limit that way.
-    pub(crate) fn new(lim: LimiterRef, dir: Dir) -> Option<Throttle> {
-        let burst = lim.get(dir)?.burst().max(1);
+    /// `None` when the policy in force has no limit that way.
+    pub(crate) fn new(ctx: &EdgeCtx, conn: &Arc<ConnLimiters>, dir: Dir) -> Option<Throttle> {
+        let mut policy = ctx.cell.subscribe();
+        let active = policy.borrow_and_update().clone();
+        let lim = LimiterRef::resolve(&active, conn, dir)?;
         Some(Throttle {
-            lim,
             dir,
-            burst,
+            lim: Some(lim),
+            policy,
+            conn: conn.clone(),
             wait: None,
             rest: None,
         })
@@ -84,6 +123,14 @@ impl Throttle {
 
     fn idle(&self) -> bool {
         self.rest.is_none() && self.wait.is_none()
+    }
+
+    /// Pick up a policy change.
+    fn refresh(&mut self) {
+        if self.policy.has_changed().unwrap_or(false) {
+            let active = self.policy.borrow_and_update().clone();
+            self.lim = LimiterRef::resolve(&active, &self.conn, self.dir);
+        }
     }
 
     fn poll_frame<B>(
@@ -112,14 +159,23 @@ impl Throttle {
                     other => return Poll::Ready(other),
                 },
             };
-            if chunk.len() > self.burst {
-                self.rest = Some(chunk.split_off(self.burst));
+            self.refresh();
+            let Some(lim) = self.lim.clone() else {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            };
+            let burst = lim.get(self.dir).map_or(usize::MAX, |l| l.burst().max(1));
+            if chunk.len() > burst {
+                self.rest = Some(chunk.split_off(burst));
             }
             let n = chunk.len();
-            let (lim, dir) = (self.lim.clone(), self.dir);
+            let dir = self.dir;
+            let mut changed = self.policy.clone();
             let w: Wait = Box::pin(async move {
                 if let Some(l) = lim.get(dir) {
-                    l.acquire(n).await;
+                    tokio::select! {
+                        _ = l.acquire(n) => {}
+                        _ = changed.changed() => {}
+                    }
                 }
             });
             self.wait = Some((w, chunk));
@@ -289,7 +345,9 @@ impl Body for DownBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream { inner, throttle } => with_buffered(inner.size_hint(), throttle.as_ref()),
+            Kind::Upstream { inner, throttle } => {
+                with_buffered(inner.size_hint(), throttle.as_ref())
+            }
         }
     }
 }
@@ -483,9 +541,21 @@ mod tests {
     #[test]
     fn faults_keep_order_once() {
         let mut f = Faults::default();
-        for k in [FaultKind::Partition, FaultKind::Latency, FaultKind::Partition, FaultKind::Bandwidth] {
+        for k in [
+            FaultKind::Partition,
+            FaultKind::Latency,
+            FaultKind::Partition,
+            FaultKind::Bandwidth,
+        ] {
             f.push(k);
         }
-        assert_eq!(f.to_vec(), vec![FaultKind::Partition, FaultKind::Latency, FaultKind::Bandwidth]);
+        assert_eq!(
+            f.to_vec(),
+            vec![
+                FaultKind::Partition,
+                FaultKind::Latency,
+                FaultKind::Bandwidth
+            ]
+        );
     }
 }

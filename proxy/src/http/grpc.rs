@@ -10,7 +10,11 @@ pub(crate) const GRPC_MESSAGE: &str = "grpc-message";
 /// The `grpc-status` in response headers (a trailers-only response) or trailers.
 pub(crate) fn status_of(headers: &HeaderMap) -> Option<GrpcCode> {
     let v = headers.get(GRPC_STATUS)?;
-    let code: u32 = std::str::from_utf8(v.as_bytes()).ok()?.trim().parse().ok()?;
+    let code: u32 = std::str::from_utf8(v.as_bytes())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some(GrpcCode::from_code(code))
 }
 
@@ -63,6 +67,9 @@ mod tests {
         assert_eq!(status_of(&h), Some(GrpcCode::Ok));
         h.insert(GRPC_STATUS, HeaderValue::from_static("x"));
         assert_eq!(status_of(&h), None);
-        assert_eq!(from_http_status(StatusCode::NOT_FOUND), GrpcCode::Unimplemented);
+        assert_eq!(
+            from_http_status(StatusCode::NOT_FOUND),
+            GrpcCode::Unimplemented
+        );
     }
 }

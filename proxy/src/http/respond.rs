@@ -43,7 +43,12 @@ const INJECTED: &str = "injected by rig";
 
 impl Proxy {
     /// Turn `r` into the response the client gets; `active` is the policy that injected it.
-    pub(super) fn respond(&self, r: Rescue, active: Option<&Active>, mut obs: Obs) -> Response<DownBody> {
+    pub(super) fn respond(
+        &self,
+        r: Rescue,
+        active: Option<&Active>,
+        mut obs: Obs,
+    ) -> Response<DownBody> {
         let err = active.and_then(|a| a.policy.error.as_ref());
         let a = match r {
             Rescue::Error { status } => Answer {
@@ -94,13 +99,22 @@ impl Proxy {
                 }
             }
         };
-        let injected = (HeaderName::from_static(INJECTED_HEADER), HeaderValue::from_static(a.why));
+        let injected = (
+            HeaderName::from_static(INJECTED_HEADER),
+            HeaderValue::from_static(a.why),
+        );
         if self.grpc {
             // Trailers-only: the status travels in the headers of an empty, finished response,
             // which gRPC clients decode as exactly this code and message.
             let mut h = http::HeaderMap::with_capacity(4);
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            h.insert(grpc::GRPC_STATUS, HeaderValue::from(u16::from(a.code.code())));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert(
+                grpc::GRPC_STATUS,
+                HeaderValue::from(u16::from(a.code.code())),
+            );
             h.insert(grpc::GRPC_MESSAGE, grpc::encode_message(&a.message));
             h.insert(injected.0, injected.1);
             obs.response_head(StatusCode::OK, &h);
@@ -110,16 +124,27 @@ impl Proxy {
         }
         let mut headers = http::HeaderMap::new();
         let body = match (&a, err) {
-            (Answer { why: "fault=error", .. }, Some(e)) => {
+            (
+                Answer {
+                    why: "fault=error", ..
+                },
+                Some(e),
+            ) => {
                 for (k, v) in &e.headers {
-                    if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                    if let (Ok(k), Ok(v)) = (
+                        HeaderName::from_bytes(k.as_bytes()),
+                        HeaderValue::from_str(v),
+                    ) {
                         headers.append(k, v);
                     }
                 }
                 match &e.body {
                     Some(b) => {
                         if !headers.contains_key(header::CONTENT_TYPE) {
-                            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+                            headers.insert(
+                                header::CONTENT_TYPE,
+                                HeaderValue::from_static("text/plain; charset=utf-8"),
+                            );
                         }
                         Bytes::from(b.clone())
                     }
@@ -132,8 +157,15 @@ impl Proxy {
                 }
             }
             _ => {
-                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                let msg = if a.message.starts_with(INJECTED) { INJECTED } else { &a.message };
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                let msg = if a.message.starts_with(INJECTED) {
+                    INJECTED
+                } else {
+                    &a.message
+                };
                 serde_json::json!({"error": msg, "edge": self.ctx.info.edge, "reason": a.why})
                     .to_string()
                     .into()

@@ -179,7 +179,11 @@ mod tests {
         }
         late.sort();
         // tokio's timer is ~1 ms late at the median; allow a loaded machine some slack.
-        assert!(late[10] < Duration::from_micros(900), "median lateness {:?}", late[10]);
+        assert!(
+            late[10] < Duration::from_micros(900),
+            "median lateness {:?}",
+            late[10]
+        );
     }
 
     #[tokio::test]
@@ -187,6 +191,12 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(60);
         let _ = tokio::time::timeout(Duration::from_millis(5), sleep_until(far)).await;
         let shared = timer().expect("timer thread");
-        assert!(!shared.lock().waiting.keys().any(|(t, _)| *t == far.into_std()));
+        assert!(
+            !shared
+                .lock()
+                .waiting
+                .keys()
+                .any(|(t, _)| *t == far.into_std())
+        );
     }
 }
