@@ -9,7 +9,7 @@ use anyhow::{Result, anyhow, bail};
 use crate::client::Stats;
 use crate::ext::{Ctx, HttpUpstream, ProxyServer, Upstream, haproxy, latency_client};
 use crate::procs::{self, Cpus, Proc, Spec};
-use crate::report::{Row, ms, rate, us};
+use crate::report::{Row, median, ms, rate, us};
 
 /// What wrk reported.
 #[derive(Debug, Clone, Copy, Default)]
@@ -70,19 +70,31 @@ pub async fn rps(ctx: &Ctx) -> Result<Vec<Row>> {
     .await?;
 
     let secs = ctx.scale(5, 1);
-    let mut results = Vec::new();
-    for (name, addr) in [
+    // Interleaved rounds, median per path (see tcp.rs).
+    let rounds = ctx.scale(3, 1);
+    let paths = [
         ("direct", upstream.addr),
         ("rig", rig_addr),
         ("HAProxy", hap_addr),
-    ] {
-        if !ctx.quick {
+    ];
+    if !ctx.quick {
+        for (_, addr) in paths {
             // Warm up connections, caches and the allocator; not measured.
             wrk(ctx, addr, 1).await?;
         }
-        let w = wrk(ctx, addr, secs).await?;
-        println!("http {name}: {:.0} req/s, {} errors", w.rps, w.errors);
-        results.push(w);
+    }
+    let mut runs: [Vec<f64>; 3] = Default::default();
+    let mut errors = 0;
+    for round in 1..=rounds {
+        for (i, (name, addr)) in paths.iter().enumerate() {
+            let w = wrk(ctx, *addr, secs).await?;
+            println!(
+                "http {name}, round {round}: {:.0} req/s, {} errors",
+                w.rps, w.errors
+            );
+            runs[i].push(w.rps);
+            errors += w.errors;
+        }
     }
     let (events, lagged) = proxy.events().await?;
     proxy.stop().await;
@@ -90,9 +102,8 @@ pub async fn rps(ctx: &Ctx) -> Result<Vec<Row>> {
     let what = upstream.what;
     upstream.stop().await;
 
-    let [direct, rig, hap] = [results[0], results[1], results[2]];
-    let errors = direct.errors + rig.errors + hap.errors;
-    let vs_hap = rig.rps / hap.rps;
+    let [direct, rig, hap] = runs.map(|mut r| median(&mut r));
+    let vs_hap = rig / hap;
     let mut rows = vec![
         Row::new(format!(
             "HTTP/1.1 keep-alive req/s (wrk -t2 -c64 -d{secs}s, upstream {what})"

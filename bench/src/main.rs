@@ -164,7 +164,10 @@ async fn bench(cmd: Cmd) -> Result<()> {
     procs::raise_nofile();
     let exe = std::env::current_exe().context("locating this binary")?;
     let bin_dir = match opts.bin_dir {
-        Some(d) => d,
+        // Absolute, because rigd resolves service commands against the spec's directory.
+        Some(d) => {
+            std::fs::canonicalize(&d).with_context(|| format!("--bin-dir {}", d.display()))?
+        }
         None => exe
             .parent()
             .map(PathBuf::from)

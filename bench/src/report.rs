@@ -116,3 +116,17 @@ pub fn rate(v: f64) -> String {
         format!("{v:.0}/s")
     }
 }
+
+/// The median of `v` (the mean of the middle two for an even count); 0 when empty.
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}

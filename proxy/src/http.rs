@@ -10,7 +10,10 @@
 //! partition (`reject` answers at once, `blackhole` holds), hang, error, latency, then bandwidth
 //! on the body frames ([`body::Throttle`]). A request held by a blackhole or a hang is released
 //! when the policy changes and is then handled under the new policy; a latency delay released
-//! early simply forwards. Every response rig makes up comes from [`respond`], which marks it with
+//! early simply forwards. Throttled bodies follow policy changes as they stream. A new
+//! partition that cuts existing connections (the default, unless `keep_connections` or a
+//! `match` scopes it) drops every open downstream connection with whatever is in flight, as a
+//! network cut would. Every response rig makes up comes from [`respond`], which marks it with
 //! [`crate::INJECTED_HEADER`].
 //!
 //! Events: `request.started` on arrival; `request.completed` when the response body ends
@@ -89,8 +92,8 @@ enum Decision {
 /// How to forward a request that faults let through.
 #[derive(Default)]
 struct Plan {
-    up: Option<Throttle>,
-    down: Option<Throttle>,
+    up: Option<Box<Throttle>>,
+    down: Option<Box<Throttle>>,
     /// Downstream blackhole: hold the response of this policy version.
     hold_response: Option<u64>,
 }
@@ -181,6 +184,8 @@ async fn serve_connection(
     let mut faults = Vec::new();
     let result: Result<(), String> = loop {
         tokio::select! {
+            // Fixed order: the connection itself is what wakes this task nearly every time.
+            biased;
             r = http.as_mut() => break r.map_err(|e| e.to_string()),
             _ = ctx.shutdown.cancelled() => {
                 http.as_mut().graceful_shutdown();

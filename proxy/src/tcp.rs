@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,9 +39,10 @@ use crate::policy::{BandwidthFault, ChaosPolicy, Direction, Latency};
 
 use self::splice::{PIPE_CHUNK, Pipe};
 
-/// The most a copy-loop read takes at once. The read buffer lives on the thread's stack for the
-/// duration of one non-blocking read only, so an idle connection holds no buffer at all.
-const READ_CHUNK: usize = 32 * 1024;
+/// The most a copy-loop read takes at once. The buffer is allocated for each read, once the
+/// socket is readable, and lives only as long as its bytes are queued: an idle connection holds
+/// no buffer at all.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// The most bytes a direction keeps queued (read, not yet written) in the copy loop. Latency
 /// pipelines chunks, so this bounds throughput under latency to `QUEUE_CAP / latency` per
@@ -216,24 +217,30 @@ struct Conn {
     down: AtomicU64,
     /// The error fault's `reset_after` for a connection it picked; [`NO_DOOM`] otherwise.
     doom: AtomicU64,
-    /// Bit per [`FaultKind`] already counted, so each is counted once per connection.
-    seen: AtomicU16,
+    /// Bit per [`FaultKind`] already counted: the per-chunk check that a fault is known is one
+    /// atomic load, not a lock.
+    seen: AtomicU64,
     /// The faults in the order they acted.
     faults: Mutex<Vec<FaultKind>>,
 }
 
 impl Conn {
+    /// Note that `kind` acted on this connection; counted once per connection.
     fn fault(&self, kind: FaultKind) {
-        let bit = 1u16 << (kind as u16);
-        if self.seen.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+        let bit = 1u64.checked_shl(kind as u32).unwrap_or(0);
+        if bit != 0 && self.seen.load(Ordering::Relaxed) & bit != 0 {
             return;
+        }
+        self.seen.fetch_or(bit, Ordering::Relaxed);
+        {
+            let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+            if faults.contains(&kind) {
+                return;
+            }
+            faults.push(kind);
         }
         self.ctx.metrics.fault(kind);
         debug!(edge = %self.ctx.info.edge, conn = self.id, fault = ?kind, "injected");
-        self.faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(kind);
     }
 
     fn passed(&self) -> u64 {
@@ -440,7 +447,7 @@ async fn handle(
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
         doom: AtomicU64::new(NO_DOOM),
-        seen: AtomicU16::new(0),
+        seen: AtomicU64::new(0),
         faults: Mutex::new(Vec::new()),
         ctx,
     };
@@ -639,11 +646,9 @@ impl<'a> Pump<'a> {
             // Without this a fast stream would never yield: splice calls that succeed do not
             // touch tokio's cooperative budget.
             tokio::task::coop::consume_budget().await;
-            if self.rx.has_changed().unwrap_or(false) {
-                self.refresh()?;
-                if !self.act.policy.is_passthrough() {
-                    return Ok(());
-                }
+            self.refresh()?;
+            if !self.act.policy.is_passthrough() {
+                return Ok(());
             }
             let n = match pipe.fill(src, PIPE_CHUNK) {
                 Ok(0) => {
@@ -826,16 +831,26 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// One non-blocking read into a chunk stamped with its due time. Not async: the buffer is
-    /// on the thread's stack, never in the connection's future.
+    /// One non-blocking read into a chunk stamped with its due time (or into the void, when
+    /// blackholed).
     fn read_chunk(&mut self, blackholed: bool, act: &Active) -> Result<(), End> {
-        let mut buf = [0u8; READ_CHUNK];
-        match self.src.try_read(&mut buf) {
-            Ok(0) => self.eof = true,
-            Ok(n) => {
-                if blackholed {
-                    return Ok(());
-                }
+        let read = if blackholed {
+            discard(self.src).map(|n| (n, None))
+        } else {
+            let mut buf = Vec::with_capacity(READ_CHUNK);
+            self.src.try_read_buf(&mut buf).map(|n| (n, Some(buf)))
+        };
+        match read {
+            Ok((0, _)) => self.eof = true,
+            Ok((_, None)) => {}
+            Ok((n, Some(buf))) => {
+                // A mostly full buffer becomes the chunk as it is (no copy for bulk transfers);
+                // a small read is copied out, so queued small chunks do not pin 64 KiB each.
+                let data = if n >= READ_CHUNK / 2 {
+                    Bytes::from(buf)
+                } else {
+                    Bytes::copy_from_slice(&buf)
+                };
                 let now = Instant::now();
                 let due = match latency_for(&act.policy, self.dir) {
                     Some(_) => {
@@ -845,10 +860,7 @@ impl<'a> Pump<'a> {
                     None => now,
                 };
                 self.queued += n;
-                self.queue.push_back(Chunk {
-                    data: Bytes::copy_from_slice(&buf[..n]),
-                    due,
-                });
+                self.queue.push_back(Chunk { data, due });
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock

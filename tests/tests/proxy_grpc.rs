@@ -143,6 +143,33 @@ async fn hang_then_timeout_is_deadline_exceeded() -> R {
 }
 
 #[tokio::test]
+async fn hang_then_close_resets_only_that_call() -> R {
+    let up = GrpcUpstream::start().await?;
+    let edge = grpc_edge(up.addr(), Default::default()).await?;
+    let mut client = health_client(edge.local_addr()).await?;
+    // A long call on the same HTTP/2 connection, opened before the hang.
+    let mut watch = client.watch(req("")).await?.into_inner();
+    let first = tokio::time::timeout(WAIT, watch.message()).await??;
+    assert_eq!(first.map(|m| m.status()), Some(ServingStatus::Serving));
+
+    edge.set_chaos(chaos("hang_rate = 1.0\nhang_for = \"200ms\""))?;
+    let t = Instant::now();
+    let err = client.check(req("")).await.expect_err("hang then close");
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    // rig resets the stream (HTTP/2 INTERNAL_ERROR), which tonic reports as INTERNAL.
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    // Only that call: the stream opened earlier on the same connection still delivers.
+    up.set_serving("", false).await;
+    let next = tokio::time::timeout(WAIT, watch.message()).await??;
+    assert_eq!(next.map(|m| m.status()), Some(ServingStatus::NotServing));
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_client_deadline_during_a_hang_is_reported_as_failed() -> R {
     let up = GrpcUpstream::start().await?;
     let events = EventSender::new(1024);

@@ -493,6 +493,70 @@ async fn blackhole_holds_until_cleared_then_passes_live() -> R {
     Ok(())
 }
 
+/// A raw HTTP/1.1 keep-alive connection to `addr`, and the task driving it (it ends when the
+/// connection closes).
+async fn raw_connection(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    Ok((sender, tokio::spawn(conn)))
+}
+
+#[tokio::test]
+async fn a_partition_cuts_open_connections_unless_asked_to_keep_them() -> R {
+    let up = HttpUpstream::start().await?;
+    let events = EventSender::new(1024);
+    let mut rx = events.subscribe();
+    let edge = edge(
+        "client",
+        Protocol::Http,
+        up.addr(),
+        Default::default(),
+        events,
+    )
+    .await?;
+    let get_on = |sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>| {
+        let req = Request::get("/echo")
+            .header("host", "rig")
+            .body(Full::new(Bytes::new()));
+        let fut = req.map(|r| sender.send_request(r));
+        async move { anyhow::Ok(fut?.await?.status()) }
+    };
+
+    let (mut kept, kept_conn) = raw_connection(edge.local_addr()).await?;
+    assert_eq!(get_on(&mut kept).await?, StatusCode::OK);
+    edge.set_chaos(chaos("partition = \"reject\"\nkeep_connections = true"))?;
+    assert_eq!(
+        get_on(&mut kept).await?,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "kept, and partitioned"
+    );
+    assert!(!kept_conn.is_finished());
+
+    edge.clear_chaos();
+    let (mut cut, cut_conn) = raw_connection(edge.local_addr()).await?;
+    assert_eq!(get_on(&mut cut).await?, StatusCode::OK);
+    edge.set_chaos(chaos("partition = \"reject\""))?;
+    // Both open connections are cut: their drivers end.
+    tokio::time::timeout(WAIT, cut_conn).await??.ok();
+    tokio::time::timeout(WAIT, kept_conn).await??.ok();
+    let closed = wait_event(&mut rx, WAIT, |k| match k {
+        EventKind::ConnectionClosed(c) if c.error.is_some() => Some(c.clone()),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(closed.faults, vec![FaultKind::Partition]);
+    assert_eq!(closed.error.as_deref(), Some("cut by partition"));
+    // New connections get the partition's answer.
+    let r = get(&http1_client(), &edge_url(&edge, "/echo")).await?;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    Ok(())
+}
+
 #[tokio::test]
 async fn downstream_partition_delivers_the_request_but_not_the_response() -> R {
     let up = HttpUpstream::start().await?;

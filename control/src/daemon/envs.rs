@@ -987,10 +987,11 @@ impl Env {
                 )));
             };
             let mut spec = per_protocol(e.protocol);
-            if spec.seed.is_none() && !spec.is_empty() {
-                if let Some(seed) = self.seed {
-                    spec.seed = Some(derive_seed(seed, &e.source, &e.egress));
-                }
+            if spec.seed.is_none()
+                && !spec.is_empty()
+                && let Some(seed) = self.seed
+            {
+                spec.seed = Some(derive_seed(seed, &e.source, &e.egress));
             }
             spec.validate(e.protocol).map_err(|err: PolicyError| {
                 Status::invalid_argument(format!("edge {} ({}): {err}", e.name, e.protocol))

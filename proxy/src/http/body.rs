@@ -102,19 +102,20 @@ pub(crate) struct Throttle {
 }
 
 impl Throttle {
-    /// `None` when the policy in force has no limit that way.
-    pub(crate) fn new(ctx: &EdgeCtx, conn: &Arc<ConnLimiters>, dir: Dir) -> Option<Throttle> {
+    /// `None` when the policy in force has no limit that way. Boxed: rare, and it keeps the
+    /// bodies of unthrottled requests small.
+    pub(crate) fn new(ctx: &EdgeCtx, conn: &Arc<ConnLimiters>, dir: Dir) -> Option<Box<Throttle>> {
         let mut policy = ctx.cell.subscribe();
         let active = policy.borrow_and_update().clone();
         let lim = LimiterRef::resolve(&active, conn, dir)?;
-        Some(Throttle {
+        Some(Box::new(Throttle {
             dir,
             lim: Some(lim),
             policy,
             conn: conn.clone(),
             wait: None,
             rest: None,
-        })
+        }))
     }
 
     fn buffered(&self) -> usize {
@@ -186,7 +187,7 @@ impl Throttle {
 /// The request body on its way to the target.
 pub(crate) struct UpBody {
     inner: Incoming,
-    throttle: Option<Throttle>,
+    throttle: Option<Box<Throttle>>,
     metrics: EdgeMetrics,
     /// For the request's event, when somebody listens.
     count: Option<Arc<AtomicU64>>,
@@ -195,7 +196,7 @@ pub(crate) struct UpBody {
 impl UpBody {
     pub(crate) fn new(
         inner: Incoming,
-        throttle: Option<Throttle>,
+        throttle: Option<Box<Throttle>>,
         metrics: EdgeMetrics,
         count: Option<Arc<AtomicU64>>,
     ) -> Self {
@@ -234,11 +235,11 @@ impl Body for UpBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.throttle.as_ref().is_none_or(Throttle::idle) && self.inner.is_end_stream()
+        self.throttle.as_ref().is_none_or(|t| t.idle()) && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        with_buffered(self.inner.size_hint(), self.throttle.as_ref())
+        with_buffered(self.inner.size_hint(), self.throttle.as_deref())
     }
 }
 
@@ -256,7 +257,7 @@ fn with_buffered(hint: SizeHint, throttle: Option<&Throttle>) -> SizeHint {
 enum Kind {
     Upstream {
         inner: Incoming,
-        throttle: Option<Throttle>,
+        throttle: Option<Box<Throttle>>,
     },
     /// A response rig made up; `None` once sent.
     Full(Option<Bytes>),
@@ -269,7 +270,7 @@ pub(crate) struct DownBody {
 }
 
 impl DownBody {
-    pub(crate) fn upstream(inner: Incoming, throttle: Option<Throttle>, obs: Obs) -> Self {
+    pub(crate) fn upstream(inner: Incoming, throttle: Option<Box<Throttle>>, obs: Obs) -> Self {
         DownBody {
             kind: Kind::Upstream { inner, throttle },
             obs,
@@ -337,7 +338,7 @@ impl Body for DownBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream { inner, throttle } => {
-                throttle.as_ref().is_none_or(Throttle::idle) && inner.is_end_stream()
+                throttle.as_ref().is_none_or(|t| t.idle()) && inner.is_end_stream()
             }
         }
     }
@@ -346,7 +347,7 @@ impl Body for DownBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream { inner, throttle } => {
-                with_buffered(inner.size_hint(), throttle.as_ref())
+                with_buffered(inner.size_hint(), throttle.as_deref())
             }
         }
     }
