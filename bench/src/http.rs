@@ -108,16 +108,12 @@ pub async fn rps(ctx: &Ctx) -> Result<Vec<Row>> {
         Row::new(format!(
             "HTTP/1.1 keep-alive req/s (wrk -t2 -c64 -d{secs}s, upstream {what})"
         ))
-        .rig(rate(rig.rps))
-        .baselines(format!(
-            "direct {}, HAProxy {}",
-            rate(direct.rps),
-            rate(hap.rps)
-        ))
+        .rig(rate(rig))
+        .baselines(format!("direct {}, HAProxy {}", rate(direct), rate(hap)))
         .ratio(format!(
             "rig÷HAProxy {vs_hap:.2} (rig÷direct {:.2}, HAProxy÷direct {:.2})",
-            rig.rps / direct.rps,
-            hap.rps / direct.rps
+            rig / direct,
+            hap / direct
         ))
         .target("rig ≥ HAProxy", vs_hap >= 1.0 && errors == 0),
     ];

@@ -637,7 +637,8 @@ pub struct ChaosSpec {
     /// The 99th percentile of a `lognormal` latency; must exceed `latency`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p99: Option<HumanDuration>,
-    /// tcp only: which way latency applies. Default `both`.
+    /// tcp only: which way latency applies. Default `downstream` (once per round trip); `both`
+    /// delays each direction, so a round trip twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_direction: Option<Direction>,
 
@@ -1052,7 +1053,9 @@ impl ChaosSpec {
                 };
                 Some(Latency {
                     delay,
-                    direction: latency_direction.unwrap_or_default(),
+                    // Downstream by default, so a tcp round trip is delayed once, as an http request
+                    // is (and as Toxiproxy's latency toxic does by default).
+                    direction: latency_direction.unwrap_or(Direction::Downstream),
                 })
             }
         };

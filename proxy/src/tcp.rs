@@ -414,6 +414,14 @@ impl Conn {
     }
 }
 
+/// Errors that say splice(2) itself is unavailable, which a socket read or write never returns.
+fn splice_refused(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported | io::ErrorKind::PermissionDenied
+    )
+}
+
 /// Read and drop what is available, without waiting. The buffer lives on the thread's stack.
 fn discard(s: &TcpStream) -> io::Result<usize> {
     let mut buf = [0u8; 8192];
@@ -674,6 +682,10 @@ impl<'a> Pump<'a> {
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if splice_refused(&e) => {
+                    self.give_up_splice(&e);
+                    return Ok(());
+                }
                 Err(e) => return Err(self.src_error(&e)),
             };
             let mut left = n;
@@ -700,25 +712,40 @@ impl<'a> Pump<'a> {
                                 self.sync()?;
                                 if !self.act.policy.is_passthrough() {
                                     // Hand the bytes in flight to the copy loop.
-                                    let data = pipe.take(left).map_err(|e| {
-                                        End::Reset(format!("pipe: {}", describe(&e)))
-                                    })?;
-                                    self.queued += data.len();
-                                    self.queue.push_back(Chunk {
-                                        data: Bytes::from(data),
-                                        due: Instant::now(),
-                                    });
-                                    return Ok(());
+                                    return self.unpipe(pipe, left);
                                 }
                             }
                             r = dst.writable() => if let Err(e) = r { return Err(self.dst_error(&e)) },
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if splice_refused(&e) => {
+                        self.give_up_splice(&e);
+                        return self.unpipe(pipe, left);
+                    }
                     Err(e) => return Err(self.dst_error(&e)),
                 }
             }
         }
+    }
+
+    /// Move `left` bytes still in the pipe to the copy loop's queue.
+    fn unpipe(&mut self, pipe: &Pipe, left: usize) -> Result<(), End> {
+        let data = pipe
+            .take(left)
+            .map_err(|e| End::Reset(format!("pipe: {}", describe(&e))))?;
+        self.queued += data.len();
+        self.queue.push_back(Chunk {
+            data: Bytes::from(data),
+            due: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// splice(2) is not allowed here (a sandbox, an odd socket): copy from now on.
+    fn give_up_splice(&mut self, e: &io::Error) {
+        debug!(edge = %self.conn.ctx.info.edge, conn = self.conn.id, error = %e, "splice refused; copying");
+        self.no_splice = true;
     }
 
     /// Relay through user memory, applying the faults. Returns at end of stream (with the queue

@@ -318,11 +318,22 @@ async fn check_rtt(chaos: &str, floor: Duration, slack: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_applies_per_chunk_in_each_direction() {
-    // Both ways (the default): a round trip crosses the delay twice.
+    // Both ways: a round trip crosses the delay twice.
     check_rtt(
-        "latency = \"50ms\"",
+        "latency = \"50ms\"\nlatency_direction = \"both\"",
         Duration::from_millis(100),
         Duration::from_millis(40),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_latency_applies_once_per_round_trip() {
+    // Downstream by default: a round trip is delayed once, as an http request is.
+    check_rtt(
+        "latency = \"50ms\"",
+        Duration::from_millis(50),
+        Duration::from_millis(25),
     )
     .await;
 }
@@ -623,7 +634,8 @@ async fn blackhole_holds_new_connections_without_dialling_the_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_cuts_existing_connections_by_default() {
     let echo = TcpUpstream::echo().await.unwrap();
-    let edge = edge(echo.addr(), ChaosSpec::default()).await;
+    let (edge, events) = edge_named("client", "echo", echo.addr(), ChaosSpec::default()).await;
+    let mut rx = events.subscribe();
     let mut s = connect(&edge).await;
     round_trip(&mut s, b"before").await;
     // The connection is idle: the policy change alone must end it.
@@ -633,6 +645,9 @@ async fn partition_cuts_existing_connections_by_default() {
     if let Some(e) = err {
         assert!(is_reset(&e), "expected a reset, got {e}");
     }
+    let closed = next_closed(&mut rx).await;
+    assert_eq!(closed.error.as_deref(), Some("cut by partition"));
+    assert_eq!(closed.faults, vec![FaultKind::Partition]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
