@@ -41,13 +41,21 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     // Rounds interleave the paths so a burst of load from elsewhere hits them alike; each figure
     // is the median of its rounds.
     let rounds = ctx.scale(3, 1);
-    let paths = [target, splice_edge, copy_edge, hap_addr];
+    let paths = [
+        ("direct", target),
+        ("rig", splice_edge),
+        ("rig copy path", copy_edge),
+        ("HAProxy", hap_addr),
+    ];
     let mut rows = Vec::new();
     for streams in [1u32, 8] {
         let mut runs: [Vec<f64>; 4] = Default::default();
         for round in 1..=rounds {
-            for (i, addr) in paths.iter().enumerate() {
-                runs[i].push(iperf_client(ctx, *addr, streams, secs).await?);
+            for (i, (name, addr)) in paths.iter().enumerate() {
+                let bps = iperf_client(ctx, *addr, streams, secs)
+                    .await
+                    .with_context(|| format!("iperf3 -P {streams} via {name} ({addr})"))?;
+                runs[i].push(bps);
             }
             println!(
                 "tcp {streams} stream(s), round {round}: direct {}, rig {}, rig copy path {}, haproxy {}",

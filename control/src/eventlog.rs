@@ -9,7 +9,8 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use rig_proto::v1 as pb;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 
 /// One logged event.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,6 +172,73 @@ impl EventLog {
     }
 }
 
+/// What a follower of the log receives.
+#[derive(Debug, Clone)]
+pub enum Followed {
+    Event(Arc<Event>),
+    /// The follower fell behind the live stream and missed `missed` events; it can resume from
+    /// the log with `after_seq = resume_after`.
+    Lagged {
+        missed: u64,
+        resume_after: u64,
+    },
+}
+
+impl EventLog {
+    /// Replay the retained events after `after` that match `filter`, then, with `follow`, the
+    /// new ones as they come, until `stop` or until the receiver is dropped. A follower that
+    /// reads too slowly gets a [`Followed::Lagged`] note instead of slowing the log down.
+    pub fn follow(
+        &self,
+        after: u64,
+        filter: Filter,
+        follow: bool,
+        stop: CancellationToken,
+    ) -> mpsc::Receiver<Followed> {
+        let (replay, mut live) = self.replay_and_follow(after);
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            let mut last = after;
+            for e in replay {
+                last = e.seq;
+                if filter.matches(&e) && tx.send(Followed::Event(e)).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tx.closed() => return,
+                    r = live.recv() => r,
+                };
+                let item = match next {
+                    // Already replayed.
+                    Ok(e) if e.seq <= last => continue,
+                    Ok(e) => {
+                        last = e.seq;
+                        if !filter.matches(&e) {
+                            continue;
+                        }
+                        Followed::Event(e)
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => Followed::Lagged {
+                        missed,
+                        resume_after: last,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +265,48 @@ mod tests {
         log.publish(ev("e"));
         assert_eq!(rx.recv().await.unwrap().seq, 5);
         assert_eq!(log.last_seq(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_follower_gets_the_replay_then_live_events_filtered() {
+        let log = EventLog::new(100, 16);
+        log.publish(ev("service.ready"));
+        log.publish(ev("request.completed"));
+        let filter = Filter {
+            types: vec!["service.".into()],
+            ..Default::default()
+        };
+        let mut rx = log.follow(0, filter, true, CancellationToken::new());
+        log.publish(ev("request.completed"));
+        log.publish(ev("service.stopped"));
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            match rx.recv().await.unwrap() {
+                Followed::Event(e) => kinds.push(e.kind.clone()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(kinds, vec!["service.ready", "service.stopped"]);
+    }
+
+    #[tokio::test]
+    async fn a_slow_follower_is_told_how_many_it_missed() {
+        let log = EventLog::new(1000, 16);
+        let mut rx = log.follow(0, Filter::default(), true, CancellationToken::new());
+        // Let the follower task subscribe and park, then outrun its buffer without reading.
+        tokio::task::yield_now().await;
+        for _ in 0..2000 {
+            log.publish(ev("request.completed"));
+        }
+        let mut lagged = 0;
+        while let Ok(Some(item)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await
+        {
+            if let Followed::Lagged { missed, .. } = item {
+                lagged += missed;
+            }
+        }
+        assert!(lagged > 0, "the follower was told it missed events");
     }
 
     #[test]

@@ -9,13 +9,12 @@
 //! The presets in `chaos-presets/` are compiled in ([`builtin`]); [`load_dir`] reads more from a
 //! directory.
 
-use std::fmt;
 use std::path::Path;
 
 use rig_proxy::policy::{ChaosSpec, Protocol};
 use serde::Deserialize;
 
-use crate::spec::{FieldPath, Source, SpecError, toml_tree, write_located};
+use crate::spec::{FieldPath, Source, SpecError, toml_tree};
 
 /// A named chaos preset.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,58 +41,9 @@ impl Preset {
     }
 }
 
-/// A preset that failed to load: where, and why. Displays like a [`SpecError`]:
+/// A preset that failed to load: where, and why. The same located error as a spec's:
 /// `flaky.toml:7:1: chaos.status: does not apply to a tcp edge (only http) ...`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct PresetError {
-    /// The file name.
-    pub origin: String,
-    /// 1-based line.
-    pub line: Option<usize>,
-    /// 1-based column.
-    pub column: Option<usize>,
-    /// Dotted path of the offending field (`http.status`).
-    pub field: Option<String>,
-    /// What is wrong, lowercase, no trailing period.
-    pub message: String,
-}
-
-impl fmt::Display for PresetError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_located(
-            f,
-            &self.origin,
-            self.line,
-            self.column,
-            self.field.as_deref(),
-            &self.message,
-        )
-    }
-}
-
-impl From<SpecError> for PresetError {
-    fn from(e: SpecError) -> Self {
-        PresetError {
-            origin: e.origin,
-            line: e.line,
-            column: e.column,
-            field: e.field,
-            message: e.message,
-        }
-    }
-}
-
-impl PresetError {
-    fn plain(origin: &str, message: impl Into<String>) -> Self {
-        PresetError {
-            origin: origin.to_owned(),
-            line: None,
-            column: None,
-            field: None,
-            message: message.into(),
-        }
-    }
-}
+pub type PresetError = SpecError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,13 +117,12 @@ pub fn find_builtin(name: &str) -> Option<Preset> {
 /// files are ignored; the first invalid preset fails the whole directory.
 pub fn load_dir(dir: &Path) -> Result<Vec<Preset>, PresetError> {
     let origin = dir.display().to_string();
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        PresetError::plain(&origin, format!("cannot read the preset directory: {e}"))
-    })?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| SpecError::plain(&origin, format!("cannot read the preset directory: {e}")))?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| {
-            PresetError::plain(&origin, format!("cannot read the preset directory: {e}"))
+            SpecError::plain(&origin, format!("cannot read the preset directory: {e}"))
         })?;
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
@@ -187,9 +136,9 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Preset>, PresetError> {
         let name = path
             .file_stem()
             .and_then(|s| s.to_str())
-            .ok_or_else(|| PresetError::plain(&origin, "the file name is not valid UTF-8"))?;
+            .ok_or_else(|| SpecError::plain(&origin, "the file name is not valid UTF-8"))?;
         let text = std::fs::read_to_string(&path)
-            .map_err(|e| PresetError::plain(&origin, format!("cannot read the preset: {e}")))?;
+            .map_err(|e| SpecError::plain(&origin, format!("cannot read the preset: {e}")))?;
         out.push(parse_from(name, &text, &origin)?);
     }
     Ok(out)
@@ -207,18 +156,19 @@ fn parse_from(name: &str, text: &str, origin: &str) -> Result<Preset, PresetErro
         .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if !name_ok {
-        return Err(PresetError::plain(
+        return Err(SpecError::plain(
             origin,
             format!("invalid preset name {name:?}: use lowercase letters, digits, - and _"),
         ));
     }
     let src = Source::new(origin, text, Some(toml_tree(text)));
-    let raw: RawPreset =
-        toml::from_str(text).map_err(|e| PresetError::from(SpecError::from_toml(&src, &e)))?;
+    let raw: RawPreset = toml::from_str(text).map_err(|e| SpecError::from_toml(&src, &e))?;
     if raw.description.trim().is_empty() {
-        return Err(
-            SpecError::at(&src, &FieldPath::new(&["description"]), "must not be empty").into(),
-        );
+        return Err(SpecError::at(
+            &src,
+            &FieldPath::new(&["description"]),
+            "must not be empty",
+        ));
     }
     let preset = Preset {
         name: name.to_owned(),
@@ -243,7 +193,7 @@ fn parse_from(name: &str, text: &str, origin: &str) -> Result<Preset, PresetErro
                 ""
             };
             let message = format!("{} (validating for {p} edges{hint})", e.message);
-            return Err(SpecError::at(&src, &path, message).into());
+            return Err(SpecError::at(&src, &path, message));
         }
     }
     Ok(preset)

@@ -128,7 +128,7 @@ pub(crate) fn write_located(
 }
 
 impl SpecError {
-    fn plain(origin: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn plain(origin: &str, message: impl Into<String>) -> Self {
         SpecError {
             origin: origin.to_owned(),
             line: None,

@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use rig_proto::v1 as pb;
 use rig_proto::v1::chaos_server::Chaos;
 use rig_proto::v1::environments_server::Environments;
@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Shared;
-use crate::eventlog::Filter;
+use crate::eventlog::{Filter, Followed};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -197,57 +197,28 @@ impl Events for Api {
         } else {
             req.after_seq
         };
-        let (replay, mut live) = self.shared.log.replay_and_follow(after);
-        let (tx, rx) = mpsc::channel(1024);
-        let follow = req.follow;
-        let stop = self.shared.shutdown.clone();
-        tokio::spawn(async move {
-            let mut last = after;
-            for e in replay {
-                last = e.seq;
-                if filter.matches(&e) && tx.send(Ok(e.to_pb())).await.is_err() {
-                    return;
-                }
-            }
-            if !follow {
-                return;
-            }
-            loop {
-                let next = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tx.closed() => return,
-                    r = live.recv() => r,
-                };
-                match next {
-                    Ok(e) => {
-                        if e.seq <= last {
-                            continue;
-                        }
-                        last = e.seq;
-                        if filter.matches(&e) && tx.send(Ok(e.to_pb())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let note = pb::Event {
-                            seq: 0,
-                            r#type: "events.lagged".into(),
-                            time: crate::eventlog::unix_secs(std::time::SystemTime::now()),
-                            message: format!(
-                                "this follower missed {n} events (resume with --since {last})"
-                            ),
-                            data_json: serde_json::json!({"missed": n, "resume_after": last})
-                                .to_string(),
-                            ..Default::default()
-                        };
-                        if tx.send(Ok(note)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                }
-            }
+        let rx = self
+            .shared
+            .log
+            .follow(after, filter, req.follow, self.shared.shutdown.clone());
+        let stream = ReceiverStream::new(rx).map(|item| {
+            Ok(match item {
+                Followed::Event(e) => e.to_pb(),
+                Followed::Lagged {
+                    missed,
+                    resume_after,
+                } => pb::Event {
+                    r#type: "events.lagged".into(),
+                    time: crate::eventlog::unix_secs(std::time::SystemTime::now()),
+                    message: format!(
+                        "this follower missed {missed} events (resume with --since {resume_after})"
+                    ),
+                    data_json: serde_json::json!({"missed": missed, "resume_after": resume_after})
+                        .to_string(),
+                    ..Default::default()
+                },
+            })
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 }

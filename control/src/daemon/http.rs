@@ -11,17 +11,16 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use rig_proto::v1::chaos_server::ChaosServer;
 use rig_proto::v1::environments_server::EnvironmentsServer;
 use rig_proto::v1::events_server::EventsServer;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::Shared;
 use super::grpc::Api;
-use crate::eventlog::Filter;
+use crate::eventlog::{Filter, Followed};
 
 /// The whole service: gRPC (rig.v1, health, reflection) and HTTP routes.
 pub fn router(shared: Arc<Shared>) -> axum::Router {
@@ -157,48 +156,22 @@ async fn events(
         service: q.service.unwrap_or_default(),
         edge: q.edge.unwrap_or_default(),
     };
-    let (replay, mut live) = shared.log.replay_and_follow(after);
-    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(1024);
-    let stop = shared.shutdown.clone();
-    tokio::spawn(async move {
-        let mut last = after;
-        let sse = |e: &crate::eventlog::Event| {
-            SseEvent::default()
+    let rx = shared
+        .log
+        .follow(after, filter, true, shared.shutdown.clone());
+    let stream = ReceiverStream::new(rx).map(|item| {
+        Ok(match item {
+            Followed::Event(e) => SseEvent::default()
                 .id(e.seq.to_string())
                 .event(e.kind.clone())
-                .data(e.to_json().to_string())
-        };
-        for e in replay {
-            last = e.seq;
-            if filter.matches(&e) && tx.send(Ok(sse(&e))).await.is_err() {
-                return;
-            }
-        }
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tx.closed() => return,
-                r = live.recv() => r,
-            };
-            match next {
-                Ok(e) if e.seq > last => {
-                    last = e.seq;
-                    if filter.matches(&e) && tx.send(Ok(sse(&e))).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let ev = SseEvent::default()
-                        .event("events.lagged")
-                        .data(serde_json::json!({"missed": n, "resume_after": last}).to_string());
-                    if tx.send(Ok(ev)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(_) => return,
-            }
-        }
+                .data(e.to_json().to_string()),
+            Followed::Lagged {
+                missed,
+                resume_after,
+            } => SseEvent::default().event("events.lagged").data(
+                serde_json::json!({"missed": missed, "resume_after": resume_after}).to_string(),
+            ),
+        })
     });
-    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
