@@ -50,6 +50,7 @@ impl Rigd {
         let line = proc
             .line_containing("rigd listening on", Duration::from_secs(20))
             .await?;
+        proc.discard_stdout();
         let addr = line
             .rsplit(' ')
             .next()

@@ -207,6 +207,14 @@ impl Proc {
         }
     }
 
+    /// Read and drop the rest of stdout in the background, so a chatty child never blocks on a
+    /// full pipe.
+    pub fn discard_stdout(&mut self) {
+        if let Some(mut out) = self.stdout.take() {
+            tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+        }
+    }
+
     /// Send one command line on stdin and return the answer line.
     pub async fn command(&mut self, line: &str, within: Duration) -> Result<String> {
         let name = self.name.clone();

@@ -30,6 +30,8 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     server
         .line_containing("Server listening", Duration::from_secs(10))
         .await?;
+    // iperf3 reports every test on stdout: keep reading it, or the server blocks on a full pipe.
+    server.discard_stdout();
     let target = procs::local(port);
 
     let mut proxy = ProxyServer::start(ctx, "tcp-edges", Cpus::Any).await?;
@@ -49,6 +51,7 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     ];
     let mut rows = Vec::new();
     for streams in [1u32, 8] {
+        let plural = if streams == 1 { "stream" } else { "streams" };
         let mut runs: [Vec<f64>; 4] = Default::default();
         for round in 1..=rounds {
             for (i, (name, addr)) in paths.iter().enumerate() {
@@ -58,7 +61,7 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
                 runs[i].push(bps);
             }
             println!(
-                "tcp {streams} stream(s), round {round}: direct {}, rig {}, rig copy path {}, haproxy {}",
+                "tcp {streams} {plural}, round {round}: direct {}, rig {}, rig copy path {}, haproxy {}",
                 gbits(runs[0][round - 1]),
                 gbits(runs[1][round - 1]),
                 gbits(runs[2][round - 1]),
@@ -69,7 +72,7 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         let ratio = rig / direct;
         rows.push(
             Row::new(format!(
-                "tcp throughput, {streams} stream(s), no chaos (iperf3 -t {secs} -P {streams}, median of {rounds})"
+                "tcp throughput, {streams} {plural}, no chaos (iperf3 -t {secs} -P {streams}, median of {rounds})"
             ))
             .rig(gbits(rig))
             .baselines(format!("direct {}, HAProxy {}", gbits(direct), gbits(hap_bps)))
@@ -78,7 +81,7 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         );
         rows.push(
             Row::new(format!(
-                "tcp throughput, {streams} stream(s), copy path (slow_close = \"0s\")"
+                "tcp throughput, {streams} {plural}, copy path (slow_close = \"0s\")"
             ))
             .rig(gbits(copy))
             .baselines(format!(

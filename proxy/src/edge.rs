@@ -351,7 +351,8 @@ pub async fn hold(ctx: &EdgeCtx, version: u64, d: Option<Duration>) -> bool {
     };
     let sleep = async {
         match d {
-            Some(d) => tokio::time::sleep(d).await,
+            // Precise to well under a millisecond: injected latency must be what was asked.
+            Some(d) => crate::timer::sleep_until(tokio::time::Instant::now() + d).await,
             None => std::future::pending::<()>().await,
         }
     };

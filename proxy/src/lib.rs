@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod policy;
 pub mod tcp;
+mod timer;
 
 pub use edge::{Edge, EdgeConfig, ProxyError};
 pub use events::{EdgeInfo, EventKind, EventSender, FaultKind, ProxyEvent};

@@ -17,7 +17,6 @@
 //! partition cutting it, `limit_data`, an I/O error, the edge shutting down).
 
 mod splice;
-mod timer;
 
 use std::collections::VecDeque;
 use std::io;
@@ -838,7 +837,7 @@ impl<'a> Pump<'a> {
                     }
                     self.sync()?;
                 }
-                _ = timer::sleep_until(gate.unwrap_or(now)), if gate.is_some() => {}
+                _ = crate::timer::sleep_until(gate.unwrap_or(now)), if gate.is_some() => {}
                 _ = async { if let Some(l) = limiter { l.acquire(need).await } }, if need > 0 => {
                     self.credit += need;
                 }

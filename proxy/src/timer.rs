@@ -1,4 +1,4 @@
-//! A sub-millisecond timer for per-chunk latency.
+//! A sub-millisecond timer for injected latency (per request and per tcp chunk).
 //!
 //! tokio's timer has a 1 ms tick, rounds deadlines up to the next tick and parks with a
 //! millisecond timeout, so a sleep ends on average ~1 ms (up to 2 ms) late. Latency has to be
@@ -12,22 +12,38 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant as StdInstant;
+use std::time::{Duration, Instant as StdInstant};
 
 use tokio::time::Instant;
 
+/// How much of a sleep is left to the precise timer; the rest goes through tokio's.
+const PRECISE_TAIL: Duration = Duration::from_millis(2);
+
 /// Sleep until `t`, to within the OS's timer slack (~50 µs) instead of tokio's 1 ms tick.
-pub(super) async fn sleep_until(t: Instant) {
+///
+/// The bulk of the wait goes through tokio's timer, so tokio's paused test clock still drives
+/// long delays; only the last couple of milliseconds are measured in real time here.
+pub(crate) async fn sleep_until(t: Instant) {
+    if let Some(coarse) = t.checked_sub(PRECISE_TAIL)
+        && coarse > Instant::now()
+    {
+        tokio::time::sleep_until(coarse).await;
+    }
+    let left = t.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return;
+    }
+    let t = StdInstant::now() + left;
     match timer() {
         Some(shared) => {
             Sleep {
                 shared,
-                deadline: t.into_std(),
+                deadline: t,
                 key: None,
             }
             .await
         }
-        None => tokio::time::sleep_until(t).await,
+        None => tokio::time::sleep(left).await,
     }
 }
 
