@@ -22,8 +22,9 @@ pub struct Event {
     pub service: String,
     pub edge: String,
     pub message: String,
-    /// The full event as a JSON object.
-    pub data: serde_json::Value,
+    /// The full event as JSON text (kept as text: it is what `Watch` sends, and far smaller
+    /// than a parsed tree when the log retains tens of thousands of events).
+    pub data: Box<str>,
 }
 
 impl Event {
@@ -50,7 +51,8 @@ impl Event {
             "service": self.service,
             "edge": self.edge,
             "message": self.message,
-            "data": self.data,
+            "data": serde_json::from_str::<serde_json::Value>(&self.data)
+                .unwrap_or(serde_json::Value::Null),
         })
     }
 }
@@ -69,7 +71,8 @@ pub struct NewEvent {
     pub service: String,
     pub edge: String,
     pub message: String,
-    pub data: serde_json::Value,
+    /// JSON text; empty means `null`.
+    pub data: String,
 }
 
 /// A filter over events, as `Watch` and `/events` take it.
@@ -134,7 +137,11 @@ impl EventLog {
             service: e.service,
             edge: e.edge,
             message: e.message,
-            data: e.data,
+            data: if e.data.is_empty() {
+                "null".into()
+            } else {
+                e.data.into_boxed_str()
+            },
         });
         if inner.retained.len() == self.capacity {
             inner.retained.pop_front();
@@ -319,7 +326,7 @@ mod tests {
             service: "web".into(),
             edge: "web/store".into(),
             message: String::new(),
-            data: serde_json::Value::Null,
+            data: "null".into(),
         };
         let f = Filter {
             types: vec!["request.".into()],

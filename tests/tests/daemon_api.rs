@@ -43,6 +43,7 @@ async fn start(state: &TempDir) -> daemon::DaemonHandle {
         token: None,
         state_dir: state.path().to_path_buf(),
         presets_dir: None,
+        events_retained: daemon::DEFAULT_EVENTS_RETAINED,
     })
     .await
     .expect("rigd starts")

@@ -22,6 +22,9 @@ struct Args {
     /// A directory of extra chaos presets (*.toml).
     #[arg(long, env = "RIG_PRESETS_DIR")]
     presets_dir: Option<PathBuf>,
+    /// How many events to keep for replay (`rigctl events`, `/events` with Last-Event-ID).
+    #[arg(long, env = "RIG_EVENTS_RETAINED", default_value_t = daemon::DEFAULT_EVENTS_RETAINED)]
+    events_retained: usize,
 }
 
 #[tokio::main]
@@ -47,6 +50,7 @@ async fn main() -> ExitCode {
         token: args.token.filter(|t| !t.is_empty()),
         state_dir: args.state_dir.unwrap_or_else(daemon::default_state_dir),
         presets_dir: args.presets_dir,
+        events_retained: args.events_retained,
     };
     match daemon::run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -91,7 +91,7 @@ pub fn spawn_event_pump(shared: &Arc<Shared>) {
                     log.publish(NewEvent {
                         kind: "events.lagged".into(),
                         message: format!("{n} data-plane events were dropped: the log fell behind"),
-                        data: serde_json::json!({ "missed": n }),
+                        data: serde_json::json!({ "missed": n }).to_string(),
                         ..Default::default()
                     });
                 }
@@ -150,7 +150,7 @@ fn proxy_event(ev: &ProxyEvent) -> NewEvent {
         service: ev.edge.source.clone(),
         edge: ev.edge.edge.clone(),
         message,
-        data: serde_json::to_value(ev).unwrap_or_default(),
+        data: serde_json::to_string(ev).unwrap_or_default(),
     }
 }
 
@@ -183,7 +183,7 @@ fn publish(
         service: service.into(),
         edge: String::new(),
         message,
-        data,
+        data: data.to_string(),
     });
 }
 
@@ -461,7 +461,7 @@ impl Registry {
                         service: line.service.clone(),
                         edge: String::new(),
                         message: line.line.clone(),
-                        data: serde_json::json!({"stream": stream, "line": line.line}),
+                        data: serde_json::json!({"stream": stream, "line": line.line}).to_string(),
                     });
                 }
             });
@@ -1015,7 +1015,7 @@ impl Env {
                     e.name,
                     crate::convert::chaos_summary(&spec)
                 ),
-                data: serde_json::json!({"old": old, "old_version": old_version, "new": spec, "version": version, "cause": cause}),
+                data: serde_json::json!({"old": old, "old_version": old_version, "new": spec, "version": version, "cause": cause}).to_string(),
             });
             out.push(edge_chaos(self, e));
         }

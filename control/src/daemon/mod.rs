@@ -36,7 +36,13 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// Extra presets (`*.toml`) beside the built-in ones; a file named like a built-in wins.
     pub presets_dir: Option<PathBuf>,
+    /// How many events the log keeps for replay (`Watch` from a sequence number, SSE
+    /// `Last-Event-ID`). About 1 KiB each.
+    pub events_retained: usize,
 }
+
+/// The default of [`DaemonConfig::events_retained`].
+pub const DEFAULT_EVENTS_RETAINED: usize = 20_000;
 
 impl DaemonConfig {
     /// `RIG_ADDR` or 127.0.0.1:7447, `RIG_TOKEN`, and the default state directory.
@@ -50,6 +56,7 @@ impl DaemonConfig {
             token: std::env::var("RIG_TOKEN").ok().filter(|t| !t.is_empty()),
             state_dir: default_state_dir(),
             presets_dir: None,
+            events_retained: DEFAULT_EVENTS_RETAINED,
         }
     }
 }
@@ -218,7 +225,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
 
     let shared = Arc::new(Shared {
         envs: envs::Registry::default(),
-        log: Arc::new(EventLog::new(100_000, 65_536)),
+        log: Arc::new(EventLog::new(cfg.events_retained, 65_536)),
         proxy_events: EventSender::new(65_536),
         presets: all_presets,
         prometheus: prometheus(),
@@ -227,6 +234,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
         shutdown: CancellationToken::new(),
     });
     envs::spawn_event_pump(&shared);
+    spawn_metrics_upkeep(&shared);
 
     let app = http::router(shared.clone());
     let shutdown = shared.shutdown.clone();
@@ -243,6 +251,22 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
         shared,
         server,
     })
+}
+
+/// Histograms accumulate samples until a scrape drains them; drain them on a timer too, so a
+/// rigd nobody scrapes does not grow.
+fn spawn_metrics_upkeep(shared: &Arc<Shared>) {
+    let handle = shared.prometheus.clone();
+    let stop = shared.shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => handle.run_upkeep(),
+            }
+        }
+    });
 }
 
 /// The `rigd` binary's body: start, wait for SIGINT or SIGTERM, bring everything down.
