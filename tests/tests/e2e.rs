@@ -467,3 +467,222 @@ fn events_are_served_as_sse_and_resume_from_last_event_id() {
         "filtered by type: {text}"
     );
 }
+
+/// A port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Read lines from a child's stdout on a thread, so the test can wait for one with a deadline.
+fn line_reader(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    want: impl Fn(&str) -> bool,
+    seen: &mut Vec<String>,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = want(&l);
+                seen.push(l);
+                if hit {
+                    return;
+                }
+            }
+            Err(_) => panic!("no such line within 20s; saw:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+fn interrupt(child: &std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+}
+
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(std::time::Instant::now() < deadline, "rigctl did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn foreground_up_prefixes_logs_and_ctrl_c_brings_the_environment_down() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-fg");
+    let spec = chain_spec(&dir, "fg", "");
+    let mut up = rigd
+        .rigctl_cmd(&["up", spec.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = line_reader(up.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    // The services' own output, prefixed by their names, as `docker compose up` shows it.
+    wait_for_line(
+        &lines,
+        |l| l.starts_with("web") && l.contains('|') && l.contains("listening on"),
+        &mut seen,
+    );
+    let all = pids(&status(&rigd, "fg"));
+    assert_eq!(all.len(), 3);
+    // `rigctl logs` replays a service's lines.
+    let logs = rigd.ok(&["logs", "store"]);
+    assert!(logs.contains("listening on"), "{logs}");
+
+    interrupt(&up);
+    let st = wait_exit(&mut up);
+    assert!(st.success(), "Ctrl-C is a clean exit: {st}");
+    assert_all_gone(&all, Duration::from_secs(10));
+    assert!(!rigd.ok(&["ls"]).contains("fg"));
+}
+
+#[test]
+fn up_runs_rigd_embedded_when_none_answers() {
+    let dir = TempDir::new("e2e-embed");
+    let spec = chain_spec(&dir, "embedded", "");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let rigctl = rig_tests::rigd::bin("rigctl");
+    let mut up = std::process::Command::new(&rigctl)
+        .args(["--addr", &addr, "up", spec.to_str().unwrap()])
+        .env("RIG_STATE_DIR", dir.path())
+        .env_remove("RIG_TOKEN")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = line_reader(up.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    wait_for_line(
+        &lines,
+        |l| l.contains("embedded is up") || l.contains("environment embedded is up"),
+        &mut seen,
+    );
+    // Another rigctl reaches the embedded rigd on the same address and can change chaos live.
+    let other = std::process::Command::new(&rigctl)
+        .args([
+            "--addr",
+            &addr,
+            "chaos",
+            "set",
+            "web/catalog",
+            "--latency",
+            "5ms",
+        ])
+        .env_remove("RIG_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    interrupt(&up);
+    assert!(wait_exit(&mut up).success());
+    // The embedded rigd went with it.
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "nothing listens on {addr} any more"
+    );
+}
+
+#[test]
+fn up_detach_starts_a_background_rigd_when_none_answers() {
+    let dir = TempDir::new("e2e-bg");
+    let spec = chain_spec(&dir, "background", "");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let rigctl = |args: &[&str]| {
+        std::process::Command::new(rig_tests::rigd::bin("rigctl"))
+            .arg("--addr")
+            .arg(&addr)
+            .args(args)
+            .env("RIG_STATE_DIR", dir.path())
+            .env_remove("RIG_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = rigctl(&["up", spec.to_str().unwrap(), "--detach"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // rigctl has exited; the environment lives on in the background rigd.
+    let ls = rigctl(&["ls"]);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("background"));
+    // Find that rigd by its command line, and stop it as a user would (SIGTERM).
+    let rigd_pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    c.contains("rigd") && c.contains(&addr)
+                })
+                .unwrap_or(false)
+        })
+        .expect("a background rigd listening on the address");
+    let ps = rigctl(&["--json", "ps"]);
+    assert!(ps.status.success());
+    let ps: serde_json::Value = serde_json::from_slice(&ps.stdout).expect("ps --json prints JSON");
+    let mut service_pids = Vec::new();
+    collect_pids(&ps, &mut service_pids);
+    assert_eq!(service_pids.len(), 3, "{ps}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rigd_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_all_gone(&[rigd_pid], Duration::from_secs(15));
+    assert_all_gone(&service_pids, Duration::from_secs(5));
+    assert!(
+        dir.path().join("rigd.log").exists(),
+        "the background rigd logs to the state dir"
+    );
+}
+
+fn collect_pids(v: &serde_json::Value, out: &mut Vec<u32>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v.as_u64()) {
+                    ("pid", Some(p)) if p != 0 => out.push(p as u32),
+                    _ => collect_pids(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_pids(v, out)),
+        _ => {}
+    }
+}
