@@ -1,10 +1,10 @@
 //! The http and grpc edge: a reverse proxy on hyper.
 //!
 //! Downstream, hyper-util's `auto` server speaks HTTP/1.1 (keep-alive) and HTTP/2 cleartext
-//! (prior knowledge) on the same port. Upstream, two hyper-util legacy clients built once per
-//! edge keep connections to the target pooled: HTTP/1 requests go out over HTTP/1.1, HTTP/2
-//! requests (and everything on a grpc edge) over h2c. Bodies stream both ways frame by frame,
-//! trailers included.
+//! (prior knowledge) on the same port. Upstream, HTTP/1 requests go out over HTTP/1.1 on an
+//! upstream connection kept by their downstream connection ([`upstream`]); HTTP/2 requests (and
+//! everything on a grpc edge) go over h2c through a hyper-util pooled client built once per
+//! edge. Bodies stream both ways frame by frame, trailers included.
 //!
 //! Per request, in this order and only for requests the policy's `match` selects:
 //! partition (`reject` answers at once, `blackhole` holds), hang, error, latency, then bandwidth
@@ -26,6 +26,7 @@
 mod body;
 mod grpc;
 mod respond;
+mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -53,6 +54,7 @@ use crate::policy::{ChaosPolicy, HangThen, PartitionMode};
 
 use body::{ConnLimiters, Dir, DownBody, Obs, Throttle, UpBody};
 use respond::Rescue;
+use upstream::{H1Upstream, Kept, UpstreamError};
 
 /// How long open connections may finish their requests once the edge stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -67,9 +69,11 @@ type UpstreamClient = Client<HttpConnector, UpBody>;
 pub(crate) struct Proxy {
     ctx: Arc<EdgeCtx>,
     grpc: bool,
-    h1: UpstreamClient,
+    h1: H1Upstream,
     h2: UpstreamClient,
     authority: Authority,
+    /// `Host` for HTTP/1 requests that come without one, as hyper-util's client sets it.
+    host: http::HeaderValue,
     /// `{"error":"injected by rig","edge":...}`, built once.
     default_error_body: bytes::Bytes,
 }
@@ -140,6 +144,8 @@ struct ConnState {
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     limiters: Arc<ConnLimiters>,
+    /// The upstream HTTP/1 connection this connection's requests go out on.
+    upstream: Kept,
 }
 
 async fn serve_connection(
@@ -154,6 +160,7 @@ async fn serve_connection(
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
         limiters: Arc::default(),
+        upstream: Kept::default(),
     });
     let opened = Instant::now();
     ctx.metrics.connection_opened();
@@ -176,25 +183,31 @@ async fn serve_connection(
             async move { proxy.handle(conn, req).await }
         })
     };
-    let http = builder.serve_connection(io, svc);
-    tokio::pin!(http);
+    // Boxed rather than pinned on the stack so it can be dropped before the upstream
+    // connection is released.
+    let mut http = Box::pin(builder.serve_connection(io, svc));
     let mut policy = ctx.cell.subscribe();
     policy.borrow_and_update();
     let mut watching = true;
     let mut faults = Vec::new();
+    // Set once the edge stops: the connection gets this long to finish what is in flight.
+    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let result: Result<(), String> = loop {
         tokio::select! {
             // Fixed order: the connection itself is what wakes this task nearly every time.
+            // The upstream connection comes right after it, so a request the service has just
+            // handed to it goes out in the same pass.
             biased;
             r = http.as_mut() => break r.map_err(|e| e.to_string()),
-            _ = ctx.shutdown.cancelled() => {
+            () = std::future::poll_fn(|cx| conn.upstream.poll_conn(cx)) => {}
+            _ = ctx.shutdown.cancelled(), if grace.is_none() => {
                 http.as_mut().graceful_shutdown();
-                break match tokio::time::timeout(SHUTDOWN_GRACE, http.as_mut()).await {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(_) => Err("closed by edge shutdown".to_owned()),
-                };
+                grace = Some(Box::pin(tokio::time::sleep(SHUTDOWN_GRACE)));
             }
-            changed = policy.changed(), if watching => {
+            () = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => {
+                break Err("closed by edge shutdown".to_owned());
+            }
+            changed = policy.changed(), if watching && grace.is_none() => {
                 if changed.is_err() {
                     watching = false;
                     continue;
@@ -218,6 +231,10 @@ async fn serve_connection(
     if let Err(e) = &result {
         debug!(edge = %ctx.info.edge, connection = conn.id, error = %e, "connection ended");
     }
+    // The service (and any request in flight) is gone with `http`: what is kept upstream is
+    // idle, or broken and closed here.
+    drop(http);
+    conn.upstream.release(&proxy.h1);
     ctx.metrics.connection_closed();
     if ctx.events.has_subscribers() {
         ctx.events.send(
@@ -265,10 +282,7 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .build(connector.clone());
+        let h1 = H1Upstream::new(ctx.target, CONNECT_TIMEOUT, POOL_IDLE);
         let h2 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -278,6 +292,9 @@ impl Proxy {
         // A socket address always makes a valid authority.
         let authority = Authority::try_from(ctx.target.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
+        // An authority is always a valid header value.
+        let host = http::HeaderValue::from_str(authority.as_str())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("127.0.0.1"));
         let default_error_body =
             serde_json::json!({"error": "injected by rig", "edge": ctx.info.edge})
                 .to_string()
@@ -288,6 +305,7 @@ impl Proxy {
             h1,
             h2,
             authority,
+            host,
             default_error_body,
         }
     }
@@ -314,7 +332,7 @@ impl Proxy {
             }
         };
         drop(active);
-        self.forward(req, plan, obs).await
+        self.forward(&conn, req, plan, obs).await
     }
 
     /// Does the policy's `match` select this request?
@@ -396,6 +414,7 @@ impl Proxy {
 
     async fn forward(
         &self,
+        conn: &ConnState,
         req: Request<Incoming>,
         plan: Plan,
         mut obs: Obs,
@@ -404,12 +423,19 @@ impl Proxy {
         if parts.method == Method::CONNECT {
             return Ok(self.respond(Rescue::BadRequest("CONNECT is not supported"), None, obs));
         }
-        let Some(uri) = self.target_uri(&parts.uri) else {
-            return Ok(self.respond(Rescue::BadRequest("invalid request target"), None, obs));
-        };
-        parts.uri = uri;
-        strip_hop_by_hop(&mut parts.headers);
         let h2 = self.grpc || parts.version == Version::HTTP_2;
+        if h2 {
+            let Some(uri) = self.target_uri(&parts.uri) else {
+                return Ok(self.respond(Rescue::BadRequest("invalid request target"), None, obs));
+            };
+            parts.uri = uri;
+        } else {
+            origin_form(&mut parts.uri);
+            if !parts.headers.contains_key(header::HOST) {
+                parts.headers.insert(header::HOST, self.host.clone());
+            }
+        }
+        strip_hop_by_hop(&mut parts.headers);
         parts.version = match parts.version {
             _ if h2 => Version::HTTP_2,
             Version::HTTP_10 => Version::HTTP_10,
@@ -423,11 +449,11 @@ impl Proxy {
         );
         let req = Request::from_parts(parts, body);
         let sent = if h2 {
-            self.h2.request(req)
+            self.h2.request(req).await.map_err(UpstreamError::from)
         } else {
-            self.h1.request(req)
+            self.h1.send(&conn.upstream, req).await
         };
-        let resp = match sent.await {
+        let resp = match sent {
             Ok(r) => r,
             Err(e) => return Ok(self.respond(Rescue::Upstream(e), None, obs)),
         };
@@ -460,6 +486,18 @@ impl Proxy {
         });
         Uri::from_parts(p).ok()
     }
+}
+
+/// The request target as sent on an HTTP/1 connection to the target: path and query only
+/// (a client may have sent the absolute form meant for proxies).
+fn origin_form(uri: &mut Uri) {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return;
+    }
+    *uri = match uri.path_and_query() {
+        Some(pq) if pq.as_str() != "/" => Uri::from(pq.clone()),
+        _ => Uri::default(),
+    };
 }
 
 /// Headers that belong to one connection, not to the message (RFC 9110 7.6.1), as other
@@ -578,6 +616,21 @@ impl AsyncWrite for CountingIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_go_upstream_in_origin_form() {
+        for (sent, expected) in [
+            ("/a/b?c=1", "/a/b?c=1"),
+            ("http://example:8080/a?x", "/a?x"),
+            ("http://example", "/"),
+            ("*", "*"),
+        ] {
+            let mut uri: Uri = sent.parse().unwrap();
+            origin_form(&mut uri);
+            assert_eq!(uri.to_string(), expected, "{sent}");
+            assert!(uri.authority().is_none() && uri.scheme().is_none());
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

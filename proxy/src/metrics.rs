@@ -16,7 +16,7 @@
 //! | `rig_edge_policy_version` | gauge | | version of the chaos policy in force |
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use metrics::{Counter, Gauge, Histogram, Label};
 
@@ -64,6 +64,48 @@ pub fn describe() {
     );
 }
 
+const COMMON_STATUSES: usize = 32;
+
+/// The slot of a status label seen on most requests: common HTTP statuses and every gRPC code
+/// name. Others go through the map.
+fn common_status(status: &str) -> Option<usize> {
+    Some(match status {
+        "200" => 0,
+        "201" => 1,
+        "204" => 2,
+        "301" => 3,
+        "302" => 4,
+        "304" => 5,
+        "400" => 6,
+        "401" => 7,
+        "403" => 8,
+        "404" => 9,
+        "429" => 10,
+        "500" => 11,
+        "502" => 12,
+        "503" => 13,
+        "504" => 14,
+        "OK" => 15,
+        "CANCELLED" => 16,
+        "UNKNOWN" => 17,
+        "INVALID_ARGUMENT" => 18,
+        "DEADLINE_EXCEEDED" => 19,
+        "NOT_FOUND" => 20,
+        "ALREADY_EXISTS" => 21,
+        "PERMISSION_DENIED" => 22,
+        "RESOURCE_EXHAUSTED" => 23,
+        "FAILED_PRECONDITION" => 24,
+        "ABORTED" => 25,
+        "OUT_OF_RANGE" => 26,
+        "UNIMPLEMENTED" => 27,
+        "INTERNAL" => 28,
+        "UNAVAILABLE" => 29,
+        "DATA_LOSS" => 30,
+        "UNAUTHENTICATED" => 31,
+        _ => return None,
+    })
+}
+
 /// Handles for one edge, built once so the hot path does no label work.
 #[derive(Debug, Clone)]
 pub struct EdgeMetrics {
@@ -80,6 +122,9 @@ struct Inner {
     open: Gauge,
     upstream_errors: Counter,
     version: Gauge,
+    /// Counters of the usual statuses, found without a lock or a hash; allocated at the
+    /// first request so idle edges do not pay for them.
+    common_status: OnceLock<Box<[OnceLock<Counter>; COMMON_STATUSES]>>,
     by_status: Mutex<HashMap<String, Counter>>,
     by_fault: Mutex<HashMap<FaultKind, Counter>>,
 }
@@ -107,6 +152,7 @@ impl EdgeMetrics {
                 open: metrics::gauge!(CONNECTIONS_OPEN, labels.clone()),
                 upstream_errors: metrics::counter!(UPSTREAM_ERRORS_TOTAL, labels.clone()),
                 version: metrics::gauge!(POLICY_VERSION, labels.clone()),
+                common_status: OnceLock::new(),
                 by_status: Mutex::default(),
                 by_fault: Mutex::default(),
                 labels,
@@ -117,6 +163,16 @@ impl EdgeMetrics {
     /// A request was answered with `status` (HTTP status or gRPC code name) after `secs`.
     pub fn request(&self, status: &str, secs: f64) {
         self.inner.duration.record(secs);
+        if let Some(i) = common_status(status) {
+            let table = self
+                .inner
+                .common_status
+                .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+            table[i]
+                .get_or_init(|| self.status_counter(status))
+                .increment(1);
+            return;
+        }
         let mut map = self
             .inner
             .by_status
@@ -126,11 +182,15 @@ impl EdgeMetrics {
             c.increment(1);
             return;
         }
-        let mut l = self.inner.labels.clone();
-        l.push(Label::new("status", status.to_owned()));
-        let c = metrics::counter!(REQUESTS_TOTAL, l);
+        let c = self.status_counter(status);
         c.increment(1);
         map.insert(status.to_owned(), c);
+    }
+
+    fn status_counter(&self, status: &str) -> Counter {
+        let mut l = self.inner.labels.clone();
+        l.push(Label::new("status", status.to_owned()));
+        metrics::counter!(REQUESTS_TOTAL, l)
     }
 
     pub fn fault(&self, kind: FaultKind) {

@@ -36,7 +36,7 @@ use crate::edge::{Active, EdgeCtx, Limiter};
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
 use crate::policy::{BandwidthFault, ChaosPolicy, Direction, Latency};
 
-use self::splice::{PIPE_CHUNK, Pipe};
+use self::splice::Pipe;
 
 /// The most a copy-loop read takes at once. The buffer is allocated for each read, once the
 /// socket is readable, and lives only as long as its bytes are queued: an idle connection holds
@@ -580,7 +580,7 @@ impl<'a> Pump<'a> {
                         }
                     }
                 }
-                if let Some(p) = &pipe {
+                if let Some(p) = &mut pipe {
                     self.splice_phase(p).await?;
                 }
             } else {
@@ -646,7 +646,7 @@ impl<'a> Pump<'a> {
     /// Relay with splice(2) while the policy stays passthrough. Returns at end of stream, or
     /// when the policy stops being passthrough (bytes still in the pipe then move to the queue
     /// and go out under the new policy).
-    async fn splice_phase(&mut self, pipe: &Pipe) -> Result<(), End> {
+    async fn splice_phase(&mut self, pipe: &mut Pipe) -> Result<(), End> {
         let (src, dst) = (self.src, self.dst);
         let ctx = self.conn.ctx.clone();
         loop {
@@ -657,7 +657,7 @@ impl<'a> Pump<'a> {
             if !self.act.policy.is_passthrough() {
                 return Ok(());
             }
-            let n = match pipe.fill(src, PIPE_CHUNK) {
+            let n = match pipe.fill(src, pipe.cap()) {
                 Ok(0) => {
                     self.eof = true;
                     return Ok(());
@@ -725,6 +725,7 @@ impl<'a> Pump<'a> {
                     Err(e) => return Err(self.dst_error(&e)),
                 }
             }
+            pipe.filled(n);
         }
     }
 

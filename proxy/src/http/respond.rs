@@ -25,7 +25,7 @@ pub(crate) enum Rescue {
     /// A hang with `hang_then = "timeout"` ran its course.
     HangTimeout,
     /// The target could not be reached or failed before answering.
-    Upstream(hyper_util::client::legacy::Error),
+    Upstream(super::UpstreamError),
     /// A request rig cannot forward.
     BadRequest(&'static str),
 }
