@@ -279,12 +279,13 @@ async fn chaos_and_events(ctx: &Ctx, rigd: &Rigd) -> Result<Vec<Row>> {
     rows.push(chaos_set(ctx, rigd, proxy).await?);
     rows.push(events(ctx, rigd, proxy).await?);
     rows.push(
-        Row::new("rigd VmRSS after the event run (the log retains the last 20,000 events by default)").rig(
-            format!(
-                "{:.1} MiB",
-                procs::rss_kib(rigd.proc.pid())? as f64 / 1024.0
-            ),
-        ),
+        Row::new(
+            "rigd VmRSS after the event run (the log retains the last 20,000 events by default)",
+        )
+        .rig(format!(
+            "{:.1} MiB",
+            procs::rss_kib(rigd.proc.pid())? as f64 / 1024.0
+        )),
     );
     rigd.down("bench").await?;
     Ok(rows)

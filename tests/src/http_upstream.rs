@@ -514,6 +514,20 @@ pub async fn edge(
     Ok(Edge::bind(config, "127.0.0.1:0".parse()?, events).await?)
 }
 
+/// An edge `client/api` in front of `target`, with a subscriber to its events.
+pub async fn observed_edge(
+    protocol: Protocol,
+    target: SocketAddr,
+    spec: ChaosSpec,
+) -> anyhow::Result<(
+    Edge,
+    tokio::sync::broadcast::Receiver<std::sync::Arc<rig_proxy::ProxyEvent>>,
+)> {
+    let events = EventSender::new(1024);
+    let rx = events.subscribe();
+    Ok((edge("client", protocol, target, spec, events).await?, rx))
+}
+
 /// An http edge `client/api` in front of `target`.
 pub async fn http_edge(target: SocketAddr, spec: ChaosSpec) -> anyhow::Result<Edge> {
     edge(

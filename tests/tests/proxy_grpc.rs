@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 use rig_proxy::events::RequestInfo;
 use rig_proxy::{EventKind, EventSender, FaultKind, INJECTED_HEADER, Protocol};
 use rig_tests::http_upstream::{
-    GrpcUpstream, chaos, edge, grpc_edge, health_client, prometheus, unused_addr, wait_event,
+    GrpcUpstream, chaos, edge, grpc_edge, health_client, observed_edge, prometheus, unused_addr,
+    wait_event,
 };
 use rig_tests::prom;
 use tonic::Code;
@@ -172,16 +173,7 @@ async fn hang_then_close_resets_only_that_call() -> R {
 #[tokio::test]
 async fn a_client_deadline_during_a_hang_is_reported_as_failed() -> R {
     let up = GrpcUpstream::start().await?;
-    let events = EventSender::new(1024);
-    let mut rx = events.subscribe();
-    let edge = edge(
-        "client",
-        Protocol::Grpc,
-        up.addr(),
-        chaos("hang_rate = 1.0"),
-        events,
-    )
-    .await?;
+    let (edge, mut rx) = observed_edge(Protocol::Grpc, up.addr(), chaos("hang_rate = 1.0")).await?;
     let mut client = health_client(edge.local_addr()).await?;
     let mut call = tonic::Request::new(req(""));
     call.set_timeout(Duration::from_millis(200));
@@ -288,16 +280,7 @@ async fn completed(
 #[tokio::test]
 async fn events_carry_grpc_names_and_codes_from_trailers() -> R {
     let up = GrpcUpstream::start().await?;
-    let events = EventSender::new(1024);
-    let mut rx = events.subscribe();
-    let edge = edge(
-        "client",
-        Protocol::Grpc,
-        up.addr(),
-        Default::default(),
-        events,
-    )
-    .await?;
+    let (edge, mut rx) = observed_edge(Protocol::Grpc, up.addr(), Default::default()).await?;
     let mut client = health_client(edge.local_addr()).await?;
     client.check(req("")).await?;
     let ok = completed(&mut rx).await?;

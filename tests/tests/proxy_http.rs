@@ -11,8 +11,8 @@ use hyper_util::rt::TokioIo;
 use rig_proxy::{EventKind, EventSender, FaultKind, INJECTED_HEADER, Protocol};
 use rig_tests::eventually::eventually;
 use rig_tests::http_upstream::{
-    HttpUpstream, chaos, edge, edge_url, get, h2c_client, http_edge, http1_client, pattern,
-    prometheus, send, unused_addr, wait_event,
+    HttpUpstream, chaos, edge, edge_url, get, h2c_client, http_edge, http1_client, observed_edge,
+    pattern, prometheus, send, unused_addr, wait_event,
 };
 use rig_tests::prom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -368,16 +368,7 @@ async fn latency_is_added_per_request() -> R {
 #[tokio::test]
 async fn a_hang_is_released_by_clearing_chaos() -> R {
     let up = HttpUpstream::start().await?;
-    let events = EventSender::new(1024);
-    let mut rx = events.subscribe();
-    let edge = edge(
-        "client",
-        Protocol::Http,
-        up.addr(),
-        chaos("hang_rate = 1.0"),
-        events,
-    )
-    .await?;
+    let (edge, mut rx) = observed_edge(Protocol::Http, up.addr(), chaos("hang_rate = 1.0")).await?;
     let client = http1_client();
     let url = edge_url(&edge, "/echo/held");
     let held = tokio::spawn(async move { get(&client, &url).await });
@@ -509,16 +500,7 @@ async fn raw_connection(
 #[tokio::test]
 async fn a_partition_cuts_open_connections_unless_asked_to_keep_them() -> R {
     let up = HttpUpstream::start().await?;
-    let events = EventSender::new(1024);
-    let mut rx = events.subscribe();
-    let edge = edge(
-        "client",
-        Protocol::Http,
-        up.addr(),
-        Default::default(),
-        events,
-    )
-    .await?;
+    let (edge, mut rx) = observed_edge(Protocol::Http, up.addr(), Default::default()).await?;
     let get_on = |sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>| {
         let req = Request::get("/echo")
             .header("host", "rig")
@@ -821,16 +803,7 @@ async fn an_unreachable_target_answers_502_and_reports_the_failure() -> R {
 #[tokio::test]
 async fn an_upstream_crash_breaks_only_that_response() -> R {
     let up = HttpUpstream::start().await?;
-    let events = EventSender::new(1024);
-    let mut rx = events.subscribe();
-    let edge = edge(
-        "client",
-        Protocol::Http,
-        up.addr(),
-        Default::default(),
-        events,
-    )
-    .await?;
+    let (edge, mut rx) = observed_edge(Protocol::Http, up.addr(), Default::default()).await?;
     let client = http1_client();
 
     // Mid-response: the client sees its response break.
@@ -878,16 +851,7 @@ async fn malformed_requests_get_400_and_the_edge_keeps_serving() -> R {
 #[tokio::test]
 async fn events_report_started_and_completed_requests() -> R {
     let up = HttpUpstream::start().await?;
-    let events = EventSender::new(1024);
-    let mut rx = events.subscribe();
-    let edge = edge(
-        "client",
-        Protocol::Http,
-        up.addr(),
-        Default::default(),
-        events,
-    )
-    .await?;
+    let (edge, mut rx) = observed_edge(Protocol::Http, up.addr(), Default::default()).await?;
     let client = http1_client();
     let body = pattern(1000);
     send(
@@ -1002,16 +966,7 @@ async fn metrics_count_requests_and_faults() -> R {
 #[tokio::test]
 async fn shutdown_ends_held_requests_and_closes_the_listener() -> R {
     let up = HttpUpstream::start().await?;
-    let events = EventSender::new(1024);
-    let mut rx = events.subscribe();
-    let edge = edge(
-        "client",
-        Protocol::Http,
-        up.addr(),
-        chaos("hang_rate = 1.0"),
-        events,
-    )
-    .await?;
+    let (edge, mut rx) = observed_edge(Protocol::Http, up.addr(), chaos("hang_rate = 1.0")).await?;
     let addr = edge.local_addr();
     // An idle keep-alive connection, and a request held by the hang.
     let idle = tokio::net::TcpStream::connect(addr).await?;
@@ -1064,16 +1019,7 @@ async fn version_of_http1_requests_is_kept_upstream() -> R {
 #[tokio::test]
 async fn a_client_that_gives_up_on_a_held_request_is_reported() -> R {
     let up = HttpUpstream::start().await?;
-    let events = EventSender::new(1024);
-    let mut rx = events.subscribe();
-    let edge = edge(
-        "client",
-        Protocol::Http,
-        up.addr(),
-        chaos("hang_rate = 1.0"),
-        events,
-    )
-    .await?;
+    let (edge, mut rx) = observed_edge(Protocol::Http, up.addr(), chaos("hang_rate = 1.0")).await?;
     let mut s = tokio::net::TcpStream::connect(edge.local_addr()).await?;
     s.write_all(b"GET /echo/gone HTTP/1.1\r\nhost: rig\r\n\r\n")
         .await?;
