@@ -1041,3 +1041,31 @@ async fn a_client_that_gives_up_on_a_held_request_is_reported() -> R {
     assert_eq!(up.requests(), 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_does_not_slow_traffic_and_learns_what_it_missed() -> R {
+    let up = HttpUpstream::start().await?;
+    // Room for 8 events; this subscriber reads nothing while 200 requests (400 events) pass.
+    let events = EventSender::new(8);
+    let mut stalled = events.subscribe();
+    let edge = edge(
+        "client",
+        Protocol::Http,
+        up.addr(),
+        Default::default(),
+        events,
+    )
+    .await?;
+    let client = http1_client();
+    for _ in 0..200 {
+        let r = tokio::time::timeout(WAIT, get(&client, &edge_url(&edge, "/echo"))).await??;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    match stalled.recv().await {
+        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+            assert!(missed >= 300, "told it missed {missed} events");
+        }
+        other => panic!("expected a lag notice, got {other:?}"),
+    }
+    Ok(())
+}
