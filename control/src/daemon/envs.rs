@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rig_proto::v1 as pb;
 use rig_proxy::policy::{ChaosSpec, PolicyError, Protocol};
-use rig_proxy::{Edge, EdgeConfig, EdgeInfo, EventKind, ProxyEvent};
+use rig_proxy::{Edge, EdgeConfig, EdgeInfo, EventKind, FaultKind, ProxyEvent};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -105,36 +105,22 @@ fn proxy_event(ev: &ProxyEvent) -> NewEvent {
     let message = match &ev.kind {
         EventKind::RequestStarted(r) => format!("{} {}", r.method, r.path),
         EventKind::RequestCompleted(r) | EventKind::RequestFailed(r) => {
-            let mut m = format!(
+            let m = format!(
                 "{} {} {} {:.1}ms",
                 r.method,
                 r.path,
                 r.status.as_deref().unwrap_or("-"),
                 r.latency.map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
             );
-            if !r.faults.is_empty() {
-                let f: Vec<&str> = r.faults.iter().map(|f| f.as_str()).collect();
-                m.push_str(&format!(" [{}]", f.join(",")));
-            }
-            if let Some(e) = &r.error {
-                m.push_str(&format!(" ({e})"));
-            }
-            m
+            with_outcome(m, &r.faults, r.error.as_deref())
         }
         EventKind::ConnectionOpened(c) => format!("from {}", c.peer),
         EventKind::ConnectionClosed(c) => {
-            let mut m = format!(
+            let m = format!(
                 "from {} up={}B down={}B",
                 c.peer, c.bytes_upstream, c.bytes_downstream
             );
-            if !c.faults.is_empty() {
-                let f: Vec<&str> = c.faults.iter().map(|f| f.as_str()).collect();
-                m.push_str(&format!(" [{}]", f.join(",")));
-            }
-            if let Some(e) = &c.error {
-                m.push_str(&format!(" ({e})"));
-            }
-            m
+            with_outcome(m, &c.faults, c.error.as_deref())
         }
         EventKind::ChaosExpired { version } => {
             format!("chaos ttl expired; cleared (version {version})")
@@ -152,6 +138,21 @@ fn proxy_event(ev: &ProxyEvent) -> NewEvent {
         message,
         data: serde_json::to_string(ev).unwrap_or_default(),
     }
+}
+
+/// Append ` [latency,error]` and ` (why it failed)` to an event summary.
+fn with_outcome(mut m: String, faults: &[FaultKind], error: Option<&str>) -> String {
+    use std::fmt::Write;
+    for (i, f) in faults.iter().enumerate() {
+        let _ = write!(m, "{}{}", if i == 0 { " [" } else { "," }, f.as_str());
+    }
+    if !faults.is_empty() {
+        m.push(']');
+    }
+    if let Some(e) = error {
+        let _ = write!(m, " ({e})");
+    }
+    m
 }
 
 /// Where an `Up` reports progress.
@@ -214,14 +215,15 @@ impl Registry {
         } else {
             req.origin.as_str()
         };
-        let spec = spec::parse(&req.spec, format, origin)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        spec::check_ports(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let base_dir = if req.base_dir.is_empty() {
             std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
         } else {
             PathBuf::from(&req.base_dir)
         };
+        // Relative `cwd`s resolve against the spec file's directory, as `spec::load` does.
+        let spec = spec::parse_in_dir(&req.spec, format, origin, &base_dir)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        spec::check_ports(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
 
         // Claim the name first, so two concurrent `up`s of one name cannot both start.
         let claim = CancellationToken::new();
@@ -416,11 +418,7 @@ impl Registry {
                     .map(|a| expanded("command", a))
                     .collect::<Result<Vec<_>, _>>()?;
                 let env = expanded_env;
-                let cwd = match &svc.cwd {
-                    Some(c) if c.is_absolute() => c.clone(),
-                    Some(c) => base_dir.join(c),
-                    None => base_dir.to_path_buf(),
-                };
+                let cwd = svc.cwd.clone().unwrap_or_else(|| base_dir.to_path_buf());
                 services.push(Arc::new(ServiceRt {
                     name: svc.name.clone(),
                     command,
@@ -1077,5 +1075,23 @@ impl Env {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_name_faults_and_errors() {
+        assert_eq!(with_outcome("GET / 200".into(), &[], None), "GET / 200");
+        assert_eq!(
+            with_outcome(
+                "GET / 503".into(),
+                &[FaultKind::Latency, FaultKind::Error],
+                Some("injected")
+            ),
+            "GET / 503 [latency,error] (injected)"
+        );
     }
 }
