@@ -9,50 +9,61 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use rig_proto::v1 as pb;
+
+use crate::events::{EventData, MAX_FIELD_BYTES, SCHEMA_VERSION};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// One logged event.
+/// The default byte budget of the retained events: 64 MiB of their JSON.
+pub const DEFAULT_EVENTS_BUDGET: usize = 64 << 20;
+
+/// One logged event: the envelope plus typed [`EventData`], serialised only at the edges.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub seq: u64,
-    pub kind: String,
     pub time: SystemTime,
     pub env: String,
     pub service: String,
     pub edge: String,
-    pub message: String,
-    /// The full event as JSON text (kept as text: it is what `Watch` sends, and far smaller
-    /// than a parsed tree when the log retains tens of thousands of events).
-    pub data: Box<str>,
+    pub data: EventData,
 }
 
 impl Event {
+    /// The envelope's type (`request.completed`), what filters match.
+    pub fn kind(&self) -> &'static str {
+        self.data.kind()
+    }
+
+    /// The one-line summary.
+    pub fn message(&self) -> String {
+        self.data.summary(&self.env, &self.service, &self.edge)
+    }
+
     pub fn to_pb(&self) -> pb::Event {
         pb::Event {
             seq: self.seq,
-            r#type: self.kind.clone(),
+            r#type: self.kind().into(),
             time: unix_secs(self.time),
             env: self.env.clone(),
             service: self.service.clone(),
             edge: self.edge.clone(),
-            message: self.message.clone(),
-            data_json: self.data.to_string(),
+            message: self.message(),
+            data_json: serde_json::to_string(&self.data).unwrap_or_default(),
         }
     }
 
     /// The JSON object served on `/events` and by `rigctl events --json`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
+            "v": SCHEMA_VERSION,
             "seq": self.seq,
-            "type": self.kind,
+            "type": self.kind(),
             "time": unix_secs(self.time),
             "env": self.env,
             "service": self.service,
             "edge": self.edge,
-            "message": self.message,
-            "data": serde_json::from_str::<serde_json::Value>(&self.data)
-                .unwrap_or(serde_json::Value::Null),
+            "message": self.message(),
+            "data": self.data,
         })
     }
 }
@@ -64,15 +75,24 @@ pub fn unix_secs(t: SystemTime) -> f64 {
 }
 
 /// What to publish; the log assigns `seq` and `time`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NewEvent {
-    pub kind: String,
     pub env: String,
     pub service: String,
     pub edge: String,
-    pub message: String,
-    /// JSON text; empty means `null`.
-    pub data: String,
+    pub data: EventData,
+}
+
+impl NewEvent {
+    /// An event about `service` (empty: the environment) of `env`.
+    pub fn service(env: &str, service: &str, data: EventData) -> Self {
+        NewEvent {
+            env: env.into(),
+            service: service.into(),
+            edge: String::new(),
+            data,
+        }
+    }
 }
 
 /// A filter over events, as `Watch` and `/events` take it.
@@ -87,7 +107,7 @@ pub struct Filter {
 
 impl Filter {
     pub fn matches(&self, e: &Event) -> bool {
-        (self.types.is_empty() || self.types.iter().any(|t| e.kind.starts_with(t.as_str())))
+        (self.types.is_empty() || self.types.iter().any(|t| e.kind().starts_with(t.as_str())))
             && (self.env.is_empty() || self.env == e.env)
             && (self.service.is_empty() || self.service == e.service)
             && (self.edge.is_empty() || self.edge == e.edge)
@@ -97,7 +117,9 @@ impl Filter {
 #[derive(Debug)]
 struct Inner {
     next_seq: u64,
-    retained: VecDeque<Arc<Event>>,
+    /// Each retained event with its approximate size in bytes.
+    retained: VecDeque<(Arc<Event>, usize)>,
+    retained_bytes: usize,
 }
 
 /// The log. Cheap to share behind an `Arc`.
@@ -105,51 +127,74 @@ struct Inner {
 pub struct EventLog {
     inner: Mutex<Inner>,
     capacity: usize,
+    byte_budget: usize,
     tx: broadcast::Sender<Arc<Event>>,
 }
 
 impl EventLog {
-    /// Retain `capacity` events; followers may fall `follow_buffer` events behind before they
-    /// are told they lagged.
-    pub fn new(capacity: usize, follow_buffer: usize) -> Self {
+    /// Retain at most `capacity` events and about `byte_budget` bytes of them (their JSON size),
+    /// oldest dropped first; followers may fall `follow_buffer` events behind before they are
+    /// told they lagged.
+    pub fn new(capacity: usize, byte_budget: usize, follow_buffer: usize) -> Self {
         let (tx, _) = broadcast::channel(follow_buffer.max(16));
         EventLog {
             inner: Mutex::new(Inner {
                 next_seq: 1,
                 retained: VecDeque::with_capacity(capacity.min(1 << 16)),
+                retained_bytes: 0,
             }),
             capacity: capacity.max(1),
+            byte_budget,
             tx,
         }
     }
 
-    /// Log an event; returns its sequence number.
+    /// Log an event; returns its sequence number. Free-text fields over
+    /// [`MAX_FIELD_BYTES`] are truncated first.
     pub fn publish(&self, e: NewEvent) -> u64 {
         metrics::counter!("rig_events_total").increment(1);
+        let mut data = e.data;
+        data.truncate_fields(MAX_FIELD_BYTES);
+        let size = data.approx_size() + e.env.len() + e.service.len() + e.edge.len() + 64;
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let seq = inner.next_seq;
         inner.next_seq += 1;
         let event = Arc::new(Event {
             seq,
-            kind: e.kind,
             time: SystemTime::now(),
             env: e.env,
             service: e.service,
             edge: e.edge,
-            message: e.message,
-            data: if e.data.is_empty() {
-                "null".into()
-            } else {
-                e.data.into_boxed_str()
-            },
+            data,
         });
-        if inner.retained.len() == self.capacity {
-            inner.retained.pop_front();
+        if inner.retained.len() == self.capacity
+            && let Some((_, s)) = inner.retained.pop_front()
+        {
+            inner.retained_bytes -= s;
         }
-        inner.retained.push_back(event.clone());
+        let mut evicted = 0;
+        while inner.retained_bytes + size > self.byte_budget
+            && let Some((_, s)) = inner.retained.pop_front()
+        {
+            inner.retained_bytes -= s;
+            evicted += 1;
+        }
+        if evicted > 0 {
+            metrics::counter!("rig_events_evicted_total").increment(evicted);
+        }
+        inner.retained_bytes += size;
+        inner.retained.push_back((event.clone(), size));
         // Sent under the lock so followers see events in sequence order.
         let _ = self.tx.send(event);
         seq
+    }
+
+    /// The approximate bytes the retained events take (their JSON size).
+    pub fn retained_bytes(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retained_bytes
     }
 
     /// Subscribe to new events and take the retained ones after `after_seq`, atomically: no
@@ -163,8 +208,8 @@ impl EventLog {
         let replay = inner
             .retained
             .iter()
-            .filter(|e| e.seq > after_seq)
-            .cloned()
+            .filter(|(e, _)| e.seq > after_seq)
+            .map(|(e, _)| e.clone())
             .collect();
         (replay, rx)
     }
@@ -250,16 +295,21 @@ impl EventLog {
 mod tests {
     use super::*;
 
+    /// An event of type `kind` (the sample of that type), or a log line `kind`.
     fn ev(kind: &str) -> NewEvent {
-        NewEvent {
-            kind: kind.into(),
-            ..Default::default()
-        }
+        let data = crate::events::samples()
+            .into_iter()
+            .find(|d| d.kind() == kind)
+            .unwrap_or(EventData::ServiceLog {
+                stream: "stdout".into(),
+                line: kind.into(),
+            });
+        NewEvent::service("", "", data)
     }
 
     #[tokio::test]
     async fn replay_then_follow_without_gaps() {
-        let log = EventLog::new(3, 16);
+        let log = EventLog::new(3, DEFAULT_EVENTS_BUDGET, 16);
         for k in ["a", "b", "c", "d"] {
             log.publish(ev(k));
         }
@@ -276,7 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_follower_gets_the_replay_then_live_events_filtered() {
-        let log = EventLog::new(100, 16);
+        let log = EventLog::new(100, DEFAULT_EVENTS_BUDGET, 16);
         log.publish(ev("service.ready"));
         log.publish(ev("request.completed"));
         let filter = Filter {
@@ -289,7 +339,7 @@ mod tests {
         let mut kinds = Vec::new();
         for _ in 0..2 {
             match rx.recv().await.unwrap() {
-                Followed::Event(e) => kinds.push(e.kind.clone()),
+                Followed::Event(e) => kinds.push(e.kind()),
                 other => panic!("{other:?}"),
             }
         }
@@ -298,7 +348,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_follower_is_told_how_many_it_missed() {
-        let log = EventLog::new(1000, 16);
+        let log = EventLog::new(1000, DEFAULT_EVENTS_BUDGET, 16);
         let mut rx = log.follow(0, Filter::default(), true, CancellationToken::new());
         // Let the follower task subscribe and park, then outrun its buffer without reading.
         tokio::task::yield_now().await;
@@ -320,13 +370,14 @@ mod tests {
     fn filter_by_prefix_and_labels() {
         let e = Event {
             seq: 1,
-            kind: "request.completed".into(),
             time: SystemTime::now(),
             env: "shop".into(),
             service: "web".into(),
             edge: "web/store".into(),
-            message: String::new(),
-            data: "null".into(),
+            data: crate::events::samples()
+                .into_iter()
+                .find(|d| d.kind() == "request.completed")
+                .expect("a sample"),
         };
         let f = Filter {
             types: vec!["request.".into()],

@@ -8,6 +8,7 @@ pub mod client;
 pub mod convert;
 pub mod daemon;
 pub mod eventlog;
+pub mod events;
 pub mod presets;
 pub mod spec;
 pub mod supervisor;

@@ -750,6 +750,20 @@ fn log_prefixes_are_padded_and_coloured_only_when_asked() {
     assert!(catalog.starts_with("\x1b[33mcatalog |"), "{catalog:?}");
 }
 
+/// A request event's data as rigd sends it, with `extra` fields on top.
+fn request_data(kind: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut d = json!({
+        "type": kind, "time": 1.0, "request_id": 1, "method": "GET", "path": "/",
+        "request_bytes": 0, "response_bytes": 0,
+        "edge": {"env": "demo", "edge": "web/catalog", "source": "web", "egress": "catalog",
+                 "target": "catalog", "ingress": "default", "protocol": "http"},
+    });
+    for (k, v) in extra.as_object().expect("an object") {
+        d[k] = v.clone();
+    }
+    d
+}
+
 #[test]
 fn tally_counts_statuses_faults_and_the_median() {
     let mut t = Tally::new();
@@ -766,7 +780,10 @@ fn tally_counts_statuses_faults_and_the_median() {
             "request.completed",
             "web/catalog",
             "",
-            json!({"status": status, "latency_seconds": secs, "faults": faults}),
+            request_data(
+                "request.completed",
+                json!({"status": status, "latency_seconds": secs, "faults": faults}),
+            ),
         ));
     }
     t.record(&event(
@@ -774,7 +791,7 @@ fn tally_counts_statuses_faults_and_the_median() {
         "request.failed",
         "web/catalog",
         "",
-        json!({"error": "reset"}),
+        request_data("request.failed", json!({"error": "reset"})),
     ));
     t.record(&event(
         10,

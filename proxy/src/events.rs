@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::policy::Protocol;
 
 /// Who an edge connects: labels for events and metrics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EdgeInfo {
     /// The environment the edge belongs to.
     pub env: String,
@@ -48,7 +48,7 @@ impl EdgeInfo {
 }
 
 /// The kind of fault that acted on a request or connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FaultKind {
     Latency,
@@ -80,7 +80,7 @@ impl FaultKind {
 }
 
 /// One http/grpc request as the proxy saw it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RequestInfo {
     /// Unique per edge, increasing.
     pub request_id: u64,
@@ -97,6 +97,7 @@ pub struct RequestInfo {
     /// From the request's arrival to the end of the response.
     #[serde(
         rename = "latency_seconds",
+        default,
         skip_serializing_if = "Option::is_none",
         with = "opt_secs"
     )]
@@ -104,7 +105,7 @@ pub struct RequestInfo {
     pub request_bytes: u64,
     pub response_bytes: u64,
     /// Faults injected into this request, in the order they acted.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<FaultKind>,
     /// Why the request failed, for `request.failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,7 +113,7 @@ pub struct RequestInfo {
 }
 
 /// One tcp connection as the proxy saw it (http/grpc edges report connections too).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionInfo {
     /// Unique per edge, increasing.
     pub connection_id: u64,
@@ -123,11 +124,12 @@ pub struct ConnectionInfo {
     pub bytes_downstream: u64,
     #[serde(
         rename = "duration_seconds",
+        default,
         skip_serializing_if = "Option::is_none",
         with = "opt_secs"
     )]
     pub duration: Option<Duration>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<FaultKind>,
     /// Why it closed, when not a normal close by either side.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -226,6 +228,13 @@ mod opt_secs {
             Some(d) => s.serialize_f64(d.as_secs_f64()),
             None => s.serialize_none(),
         }
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let secs: Option<f64> = serde::Deserialize::deserialize(d)?;
+        secs.map(|s| Duration::try_from_secs_f64(s).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 

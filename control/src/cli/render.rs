@@ -9,6 +9,8 @@ use rig_proto::v1 as pb;
 use rig_proxy::policy::ChaosSpec;
 use serde_json::{Value, json};
 
+use crate::events::EventData;
+
 use crate::convert::chaos_summary;
 
 // ---------------------------------------------------------------------------------------------
@@ -486,21 +488,16 @@ pub fn event_json(ev: &pb::Event) -> Value {
     })
 }
 
-/// A key at the top of an event's data or one object down (rigd may nest the proxy's fields).
-fn find_key<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
-    let obj = v.as_object()?;
-    if let Some(found) = obj.get(key) {
-        return Some(found);
-    }
-    obj.values()
-        .filter_map(Value::as_object)
-        .find_map(|inner| inner.get(key))
+/// An event's `data` in the typed schema; `None` for a type (or shape) this rigctl does not
+/// know, which readers skip.
+pub fn typed_data(ev: &pb::Event) -> Option<EventData> {
+    serde_json::from_str(&ev.data_json).ok()
 }
 
 /// The text of a `service.log` event: its `line` field, else the summary.
 pub fn log_text(ev: &pb::Event) -> String {
-    match find_key(&event_data(ev), "line") {
-        Some(Value::String(s)) => s.clone(),
+    match typed_data(ev) {
+        Some(EventData::ServiceLog { line, .. }) => line,
         _ => ev.message.clone(),
     }
 }
@@ -579,27 +576,24 @@ impl Tally {
             "request.failed" => true,
             _ => return,
         };
-        let data = event_data(ev);
+        let Some(EventData::RequestCompleted(r) | EventData::RequestFailed(r)) = typed_data(ev)
+        else {
+            return;
+        };
+        let r = r.request;
         let t = self.edges.entry(ev.edge.clone()).or_default();
         t.requests += 1;
         if failed {
             t.failed += 1;
         }
-        let status = match find_key(&data, "status") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        };
-        if let Some(s) = status {
+        if let Some(s) = r.status {
             *t.statuses.entry(s).or_default() += 1;
         }
-        if let Some(secs) = find_key(&data, "latency_seconds").and_then(Value::as_f64) {
-            t.latencies.push(secs);
+        if let Some(d) = r.latency {
+            t.latencies.push(d.as_secs_f64());
         }
-        if let Some(Value::Array(faults)) = find_key(&data, "faults") {
-            for f in faults.iter().filter_map(Value::as_str) {
-                *t.faults.entry(f.to_string()).or_default() += 1;
-            }
+        for f in r.faults {
+            *t.faults.entry(f.as_str().to_string()).or_default() += 1;
         }
     }
 

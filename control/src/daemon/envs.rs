@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rig_proto::v1 as pb;
 use rig_proxy::policy::{ChaosSpec, PolicyError, Protocol};
-use rig_proxy::{Edge, EdgeConfig, EdgeInfo, EventKind, FaultKind, ProxyEvent};
+use rig_proxy::{Edge, EdgeConfig, EdgeInfo, ProxyEvent};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +17,7 @@ use tonic::Status;
 
 use super::Shared;
 use crate::eventlog::{NewEvent, unix_secs};
+use crate::events::EventData;
 use crate::spec::{self, Readiness, Spec, derive_seed, env_prefix};
 use crate::supervisor::{Child, LogLine, ProcessSpec};
 
@@ -88,12 +89,14 @@ pub fn spawn_event_pump(shared: &Arc<Shared>) {
                     log.publish(proxy_event(&ev));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    log.publish(NewEvent {
-                        kind: "events.lagged".into(),
-                        message: format!("{n} data-plane events were dropped: the log fell behind"),
-                        data: serde_json::json!({ "missed": n }).to_string(),
-                        ..Default::default()
-                    });
+                    log.publish(NewEvent::service(
+                        "",
+                        "",
+                        EventData::EventsLagged {
+                            missed: n,
+                            resume_after: None,
+                        },
+                    ));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
@@ -102,57 +105,12 @@ pub fn spawn_event_pump(shared: &Arc<Shared>) {
 }
 
 fn proxy_event(ev: &ProxyEvent) -> NewEvent {
-    let message = match &ev.kind {
-        EventKind::RequestStarted(r) => format!("{} {}", r.method, r.path),
-        EventKind::RequestCompleted(r) | EventKind::RequestFailed(r) => {
-            let m = format!(
-                "{} {} {} {:.1}ms",
-                r.method,
-                r.path,
-                r.status.as_deref().unwrap_or("-"),
-                r.latency.map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
-            );
-            with_outcome(m, &r.faults, r.error.as_deref())
-        }
-        EventKind::ConnectionOpened(c) => format!("from {}", c.peer),
-        EventKind::ConnectionClosed(c) => {
-            let m = format!(
-                "from {} up={}B down={}B",
-                c.peer, c.bytes_upstream, c.bytes_downstream
-            );
-            with_outcome(m, &c.faults, c.error.as_deref())
-        }
-        EventKind::ChaosExpired { version } => {
-            format!("chaos ttl expired; cleared (version {version})")
-        }
-    };
-    let kind = match &ev.kind {
-        EventKind::ChaosExpired { .. } => "chaos.changed",
-        k => k.name(),
-    };
     NewEvent {
-        kind: kind.into(),
         env: ev.edge.env.clone(),
         service: ev.edge.source.clone(),
         edge: ev.edge.edge.clone(),
-        message,
-        data: serde_json::to_string(ev).unwrap_or_default(),
+        data: EventData::from(ev),
     }
-}
-
-/// Append ` [latency,error]` and ` (why it failed)` to an event summary.
-fn with_outcome(mut m: String, faults: &[FaultKind], error: Option<&str>) -> String {
-    use std::fmt::Write;
-    for (i, f) in faults.iter().enumerate() {
-        let _ = write!(m, "{}{}", if i == 0 { " [" } else { "," }, f.as_str());
-    }
-    if !faults.is_empty() {
-        m.push(']');
-    }
-    if let Some(e) = error {
-        let _ = write!(m, " ({e})");
-    }
-    m
 }
 
 /// Where an `Up` reports progress.
@@ -170,22 +128,8 @@ async fn report(progress: &Progress, env: &str, service: &str, state: &str, mess
         .await;
 }
 
-fn publish(
-    shared: &Shared,
-    kind: &str,
-    env: &str,
-    service: &str,
-    message: String,
-    data: serde_json::Value,
-) {
-    shared.log.publish(NewEvent {
-        kind: kind.into(),
-        env: env.into(),
-        service: service.into(),
-        edge: String::new(),
-        message,
-        data: data.to_string(),
-    });
+fn publish(shared: &Shared, env: &str, service: &str, data: EventData) {
+    shared.log.publish(NewEvent::service(env, service, data));
 }
 
 async fn free_port() -> std::io::Result<TcpListener> {
@@ -453,14 +397,14 @@ impl Registry {
             tokio::spawn(async move {
                 while let Some(line) = log_rx.recv().await {
                     let stream = format!("{:?}", line.stream).to_ascii_lowercase();
-                    log.publish(NewEvent {
-                        kind: "service.log".into(),
-                        env: env_name.clone(),
-                        service: line.service.clone(),
-                        edge: String::new(),
-                        message: line.line.clone(),
-                        data: serde_json::json!({"stream": stream, "line": line.line}).to_string(),
-                    });
+                    log.publish(NewEvent::service(
+                        &env_name,
+                        &line.service,
+                        EventData::ServiceLog {
+                            stream,
+                            line: line.line,
+                        },
+                    ));
                 }
             });
         }
@@ -500,11 +444,12 @@ impl Registry {
                 stop_env(shared, &env).await;
                 publish(
                     shared,
-                    "environment.down",
                     &env_name,
                     "",
-                    format!("{env_name} failed to start"),
-                    serde_json::json!({"reason": e.message()}),
+                    EventData::EnvironmentDown {
+                        reason: Some(e.message().to_string()),
+                        stopped: None,
+                    },
                 );
                 return Err(e);
             }
@@ -532,7 +477,7 @@ impl Registry {
                         metrics::gauge!("rig_service_ready", "env" => env2.name.clone(), "service" => svc.name.clone()).set(0.0);
                         metrics::counter!("rig_service_exits_total", "env" => env2.name.clone(), "service" => svc.name.clone()).increment(1);
                         let last: Vec<String> = child.recent_logs().iter().rev().take(10).rev().map(|l| l.line.clone()).collect();
-                        publish(&shared2, "service.failed", &env2.name, &svc.name, format!("{} {why}", svc.name), serde_json::json!({"exit": why, "last_logs": last}));
+                        publish(&shared2, &env2.name, &svc.name, EventData::ServiceFailed { reason: None, exit: Some(why), last_logs: last });
                     }
                 }
             });
@@ -541,11 +486,13 @@ impl Registry {
         let n = env.services.len();
         publish(
             shared,
-            "environment.up",
             &env_name,
             "",
-            format!("{env_name} is up: {n} services, {} edges", env.edges.len()),
-            serde_json::json!({"origin": origin}),
+            EventData::EnvironmentUp {
+                origin: origin.to_string(),
+                services: n as u64,
+                edges: env.edges.len() as u64,
+            },
         );
         let _ = progress
             .send(Ok(pb::UpProgress {
@@ -582,11 +529,12 @@ impl Registry {
         let stopped = stop_env(shared, &env).await;
         publish(
             shared,
-            "environment.down",
             &env.name,
             "",
-            format!("{} is down", env.name),
-            serde_json::json!({"stopped": stopped}),
+            EventData::EnvironmentDown {
+                reason: None,
+                stopped: Some(stopped.clone()),
+            },
         );
         Ok((env.name.clone(), stopped))
     }
@@ -672,11 +620,11 @@ async fn start_service(
     .await;
     publish(
         shared,
-        "service.starting",
         env_name,
         &svc.name,
-        svc.command.join(" "),
-        serde_json::json!({"command": svc.command}),
+        EventData::ServiceStarting {
+            command: svc.command.clone(),
+        },
     );
     let pspec = ProcessSpec {
         name: svc.name.clone(),
@@ -732,11 +680,13 @@ async fn start_service(
     );
     publish(
         shared,
-        "service.ready",
         env_name,
         &svc.name,
-        msg.clone(),
-        serde_json::json!({"pid": child.pid(), "addresses": addrs}),
+        EventData::ServiceReady {
+            pid: child.pid(),
+            addresses: addrs,
+            ready_seconds: started.elapsed().as_secs_f64(),
+        },
     );
     report(progress, env_name, &svc.name, "ready", msg).await;
     Ok(())
@@ -755,11 +705,13 @@ async fn fail(
     let tail: Vec<String> = logs.iter().rev().take(20).rev().cloned().collect();
     publish(
         shared,
-        "service.failed",
         env_name,
         &svc.name,
-        msg.clone(),
-        serde_json::json!({"reason": msg, "last_logs": tail}),
+        EventData::ServiceFailed {
+            reason: Some(msg.clone()),
+            exit: None,
+            last_logs: tail.clone(),
+        },
     );
     let _ = progress
         .send(Ok(pb::UpProgress {
@@ -808,7 +760,7 @@ async fn stop_env(shared: &Arc<Shared>, env: &Arc<Env>) -> Vec<String> {
                 *lock(&svc.state) = "stopped";
                 metrics::gauge!("rig_service_up", "env" => env_name.clone(), "service" => svc.name.clone()).set(0.0);
                 metrics::gauge!("rig_service_ready", "env" => env_name.clone(), "service" => svc.name.clone()).set(0.0);
-                publish(&shared, "service.stopped", &env_name, &svc.name, format!("{} {exit}", svc.name), serde_json::json!({"exit": exit.to_string(), "grace_seconds": svc.stop_grace.as_secs_f64()}));
+                publish(&shared, &env_name, &svc.name, EventData::ServiceStopped { exit: exit.to_string(), grace_seconds: svc.stop_grace.as_secs_f64() });
                 svc.name.clone()
             }));
         }
@@ -1004,16 +956,16 @@ impl Env {
                 .map_err(|err| Status::invalid_argument(format!("edge {}: {err}", e.name)))?;
             metrics::counter!("rig_chaos_changes_total", "env" => self.name.clone(), "edge" => e.name.clone()).increment(1);
             shared.log.publish(NewEvent {
-                kind: "chaos.changed".into(),
                 env: self.name.clone(),
                 service: e.source.clone(),
                 edge: e.name.clone(),
-                message: format!(
-                    "{} v{old_version} → v{version}: {} ({cause})",
-                    e.name,
-                    crate::convert::chaos_summary(&spec)
-                ),
-                data: serde_json::json!({"old": old, "old_version": old_version, "new": spec, "version": version, "cause": cause}).to_string(),
+                data: EventData::ChaosChanged {
+                    old: Box::new(old),
+                    old_version,
+                    new: Box::new(spec),
+                    version,
+                    cause: cause.to_string(),
+                },
             });
             out.push(edge_chaos(self, e));
         }
@@ -1075,23 +1027,5 @@ impl Env {
                 })
                 .collect(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn summaries_name_faults_and_errors() {
-        assert_eq!(with_outcome("GET / 200".into(), &[], None), "GET / 200");
-        assert_eq!(
-            with_outcome(
-                "GET / 503".into(),
-                &[FaultKind::Latency, FaultKind::Error],
-                Some("injected")
-            ),
-            "GET / 503 [latency,error] (injected)"
-        );
     }
 }

@@ -207,16 +207,18 @@ impl Events for Api {
                 Followed::Lagged {
                     missed,
                     resume_after,
-                } => pb::Event {
-                    r#type: "events.lagged".into(),
-                    time: crate::eventlog::unix_secs(std::time::SystemTime::now()),
-                    message: format!(
-                        "this follower missed {missed} events (resume with --since {resume_after})"
-                    ),
-                    data_json: serde_json::json!({"missed": missed, "resume_after": resume_after})
-                        .to_string(),
-                    ..Default::default()
-                },
+                } => crate::eventlog::Event {
+                    seq: 0,
+                    time: std::time::SystemTime::now(),
+                    env: String::new(),
+                    service: String::new(),
+                    edge: String::new(),
+                    data: crate::events::EventData::EventsLagged {
+                        missed,
+                        resume_after: Some(resume_after),
+                    },
+                }
+                .to_pb(),
             })
         });
         Ok(Response::new(Box::pin(stream)))

@@ -163,13 +163,17 @@ async fn events(
         Ok(match item {
             Followed::Event(e) => SseEvent::default()
                 .id(e.seq.to_string())
-                .event(e.kind.clone())
+                .event(e.kind())
                 .data(e.to_json().to_string()),
             Followed::Lagged {
                 missed,
                 resume_after,
             } => SseEvent::default().event("events.lagged").data(
-                serde_json::json!({"missed": missed, "resume_after": resume_after}).to_string(),
+                serde_json::to_string(&crate::events::EventData::EventsLagged {
+                    missed,
+                    resume_after: Some(resume_after),
+                })
+                .unwrap_or_default(),
             ),
         })
     });

@@ -183,6 +183,10 @@ fn describe_control_metrics() {
     );
     describe_counter!("rig_events_total", "Events logged by rigd");
     describe_counter!(
+        "rig_events_evicted_total",
+        "Events dropped from the log's replay to keep it under its byte budget"
+    );
+    describe_counter!(
         "rig_service_exits_total",
         "Services that exited while their environment was up"
     );
@@ -225,7 +229,11 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
 
     let shared = Arc::new(Shared {
         envs: envs::Registry::default(),
-        log: Arc::new(EventLog::new(cfg.events_retained, 65_536)),
+        log: Arc::new(EventLog::new(
+            cfg.events_retained,
+            crate::eventlog::DEFAULT_EVENTS_BUDGET,
+            65_536,
+        )),
         proxy_events: EventSender::new(65_536),
         presets: all_presets,
         prometheus: prometheus(),
