@@ -367,6 +367,37 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_budget_evicts_the_oldest_events() {
+        let budget = 300 * 1024;
+        let log = EventLog::new(1000, budget, 16);
+        let big = |i: usize| {
+            NewEvent::service(
+                "shop",
+                "web",
+                EventData::ServiceLog {
+                    stream: "stdout".into(),
+                    line: format!("{i} {}", "x".repeat(100 * 1024)),
+                },
+            )
+        };
+        for i in 0..10 {
+            log.publish(big(i));
+        }
+        assert!(log.retained_bytes() <= budget, "{}", log.retained_bytes());
+        let (replay, _rx) = log.replay_and_follow(0);
+        // Each line was cut to 64 KiB, so four fit in 300 KiB: the newest four.
+        assert_eq!(
+            replay.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![7, 8, 9, 10]
+        );
+        let EventData::ServiceLog { line, .. } = &replay[3].data else {
+            panic!("{:?}", replay[3]);
+        };
+        assert!(line.starts_with("9 x"), "oldest dropped first");
+        assert!(line.contains("…[truncated "), "the line says it was cut");
+    }
+
+    #[test]
     fn filter_by_prefix_and_labels() {
         let e = Event {
             seq: 1,

@@ -521,3 +521,43 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// The text of `docs/events.md` under `### TYPE`, up to the next heading.
+    fn section<'a>(doc: &'a str, ty: &str) -> Option<&'a str> {
+        let start = doc.find(&format!("\n### {ty}\n"))? + ty.len() + 6;
+        let rest = &doc[start..];
+        Some(&rest[..rest.find("\n#").unwrap_or(rest.len())])
+    }
+
+    #[test]
+    fn docs_list_every_type_and_field() {
+        let doc = include_str!("../../docs/events.md");
+        let edge_section = &doc[doc.find("## Edge labels").expect("edge labels")..];
+        for d in samples() {
+            let ty = d.data_type();
+            let text = section(doc, ty).unwrap_or_else(|| panic!("docs/events.md: no ### {ty}"));
+            let json = serde_json::to_value(&d).unwrap();
+            for (field, value) in json.as_object().unwrap() {
+                if field == "type" {
+                    continue;
+                }
+                assert!(
+                    text.contains(&format!("`{field}`")),
+                    "docs/events.md: {ty} does not name field {field}"
+                );
+                if field == "edge" {
+                    for label in value.as_object().unwrap().keys() {
+                        assert!(
+                            edge_section.contains(&format!("`{label}`")),
+                            "docs/events.md: edge label {label} missing"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
