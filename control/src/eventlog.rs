@@ -398,6 +398,22 @@ mod tests {
     }
 
     #[test]
+    fn the_edges_serialise_the_typed_event() {
+        let log = EventLog::new(10, DEFAULT_EVENTS_BUDGET, 16);
+        log.publish(ev("service.stopped"));
+        let (replay, _rx) = log.replay_and_follow(0);
+        let e = &replay[0];
+        let json = e.to_json();
+        assert_eq!(json["v"], 1);
+        assert_eq!(json["type"], "service.stopped");
+        assert_eq!(json["data"]["exit"], "exited with status 0");
+        let pb = e.to_pb();
+        assert_eq!(pb.message, " exited with status 0");
+        let back: EventData = serde_json::from_str(&pb.data_json).unwrap();
+        assert_eq!(back, e.data);
+    }
+
+    #[test]
     fn filter_by_prefix_and_labels() {
         let e = Event {
             seq: 1,

@@ -245,7 +245,16 @@ impl EventData {
             EventData::ServiceStopped { exit, .. } => t(exit),
             EventData::ServiceLog { line, .. } => t(line),
             EventData::EnvironmentDown { reason, .. } => reason.iter_mut().for_each(&mut t),
-            EventData::ChaosChanged { cause, .. } => t(cause),
+            EventData::ChaosChanged {
+                cause, old, new, ..
+            } => {
+                t(cause);
+                for spec in [old, new] {
+                    spec.body.iter_mut().for_each(&mut t);
+                    spec.grpc_message.iter_mut().for_each(&mut t);
+                    spec.headers.values_mut().for_each(&mut t);
+                }
+            }
             EventData::RequestStarted(r)
             | EventData::RequestCompleted(r)
             | EventData::RequestFailed(r) => {
@@ -484,6 +493,31 @@ mod tests {
                 line: "hi".into()
             }
         );
+    }
+
+    #[test]
+    fn large_chaos_bodies_are_cut_too() {
+        let spec = ChaosSpec {
+            body: Some("b".repeat(MAX_FIELD_BYTES * 2)),
+            ..Default::default()
+        };
+        let mut d = EventData::ChaosChanged {
+            old: Box::new(spec.clone()),
+            old_version: 1,
+            new: Box::new(ChaosSpec::default()),
+            version: 2,
+            cause: "test".into(),
+        };
+        assert!(d.truncate_fields(MAX_FIELD_BYTES));
+        assert!(
+            d.approx_size() < MAX_FIELD_BYTES + 1024,
+            "{}",
+            d.approx_size()
+        );
+        let EventData::ChaosChanged { old, .. } = &d else {
+            unreachable!()
+        };
+        assert!(old.body.as_deref().unwrap().contains("…[truncated "));
     }
 
     #[test]
