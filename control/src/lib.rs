@@ -9,5 +9,6 @@ pub mod convert;
 pub mod daemon;
 pub mod eventlog;
 pub mod presets;
+pub mod registry;
 pub mod spec;
 pub mod supervisor;
