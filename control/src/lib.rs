@@ -10,5 +10,6 @@ pub mod daemon;
 pub mod eventlog;
 pub mod events;
 pub mod presets;
+pub mod registry;
 pub mod spec;
 pub mod supervisor;

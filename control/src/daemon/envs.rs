@@ -18,7 +18,8 @@ use tonic::Status;
 use super::Shared;
 use crate::eventlog::{NewEvent, unix_secs};
 use crate::events::EventData;
-use crate::spec::{self, Readiness, Spec, derive_seed, env_prefix};
+use crate::registry::wiring;
+use crate::spec::{self, Readiness, Spec, derive_seed};
 use crate::supervisor::{Child, LogLine, ProcessSpec};
 
 /// The running environments, by name.
@@ -130,6 +131,12 @@ async fn report(progress: &Progress, env: &str, service: &str, state: &str, mess
 
 fn publish(shared: &Shared, env: &str, service: &str, data: EventData) {
     shared.log.publish(NewEvent::service(env, service, data));
+}
+
+/// "1 edge proxy listening", "3 edge proxies listening".
+fn proxies_listening(n: usize) -> String {
+    let noun = if n == 1 { "proxy" } else { "proxies" };
+    format!("{n} edge {noun} listening")
 }
 
 async fn free_port() -> std::io::Result<TcpListener> {
@@ -285,84 +292,48 @@ impl Registry {
             &env_name,
             "",
             "proxies-ready",
-            format!(
-                "{} edge proxies listening",
-                edges.values().filter(|e| e.proxy.is_some()).count()
-            ),
+            proxies_listening(edges.values().filter(|e| e.proxy.is_some()).count()),
         )
         .await;
 
         // 2. Each service's environment and command.
+        let wired = wiring::Addresses {
+            ingresses: addrs.clone(),
+            edges: edges
+                .values()
+                .map(|e| {
+                    let w = wiring::WiredEdge {
+                        addr: e.wired_addr,
+                        target: e.target_addr,
+                        observed: e.proxy.is_some(),
+                    };
+                    (e.name.clone(), w)
+                })
+                .collect(),
+        };
         let mut services = Vec::new();
         for level in &spec.order {
             for name in level {
                 let svc = &spec.services[name];
-                let mut env: BTreeMap<String, String> = svc.env.clone();
-                let mut wiring_ingresses = serde_json::Map::new();
-                let mut ingresses = Vec::new();
-                for ing in svc.ingresses.values() {
-                    let addr = addrs[&(svc.name.clone(), ing.name.clone())];
-                    // The service's only ingress, or the one named `default`, gets HOST/PORT.
-                    let is_default = svc.default_ingress().is_some_and(|d| d.name == ing.name);
-                    let prefix = if is_default {
-                        String::new()
-                    } else {
-                        format!("{}_", env_prefix(&ing.name))
-                    };
-                    env.insert(format!("{prefix}HOST"), addr.ip().to_string());
-                    env.insert(format!("{prefix}PORT"), addr.port().to_string());
-                    wiring_ingresses.insert(
-                        ing.name.clone(),
-                        serde_json::json!({"protocol": ing.protocol, "host": addr.ip().to_string(), "port": addr.port()}),
-                    );
-                    ingresses.push((ing.name.clone(), ing.protocol, addr, ing.ready.clone()));
-                }
-                let mut wiring_egresses = serde_json::Map::new();
-                for eg in svc.egresses.values() {
-                    let e = &edges[&format!("{}/{}", svc.name, eg.name)];
-                    let p = env_prefix(&eg.name);
-                    let a = e.wired_addr;
-                    env.insert(format!("{p}_HOST"), a.ip().to_string());
-                    env.insert(format!("{p}_PORT"), a.port().to_string());
-                    env.insert(format!("{p}_ADDR"), a.to_string());
-                    let url = matches!(eg.protocol, Protocol::Http | Protocol::Grpc)
-                        .then(|| format!("http://{a}"));
-                    if let Some(u) = &url {
-                        env.insert(format!("{p}_URL"), u.clone());
-                    }
-                    wiring_egresses.insert(
-                        eg.name.clone(),
-                        serde_json::json!({
-                            "service": eg.service, "ingress": eg.ingress, "protocol": eg.protocol,
-                            "host": a.ip().to_string(), "port": a.port(), "addr": a.to_string(), "url": url,
-                            "observed": e.proxy.is_some(), "target": e.target_addr.to_string(),
-                        }),
-                    );
-                }
-                env.insert("RIG_SERVICE".into(), svc.name.clone());
-                env.insert("RIG_ENV".into(), env_name.clone());
-                env.insert(
-                    "RIG_WIRING".into(),
-                    serde_json::json!({"env": env_name, "service": svc.name, "ingresses": wiring_ingresses, "egresses": wiring_egresses})
-                        .to_string(),
-                );
-                let lookup = |k: &str| env.get(k).cloned().or_else(|| std::env::var(k).ok());
-                let expanded = |what: &str, v: &str| {
-                    spec::expand_vars(v, lookup).map_err(|e| {
-                        Status::invalid_argument(format!("service {}: {what}: {e}", svc.name))
+                let launch =
+                    wiring::service_env(spec, svc, &wired, base_dir, |k| std::env::var(k).ok())
+                        .map_err(|e| match e {
+                            wiring::WiringError::Expand { .. } => {
+                                Status::invalid_argument(e.to_string())
+                            }
+                            wiring::WiringError::MissingAddress { .. } => {
+                                Status::internal(e.to_string())
+                            }
+                        })?;
+                let ingresses = svc
+                    .ingresses
+                    .values()
+                    .map(|ing| {
+                        let addr = addrs[&(svc.name.clone(), ing.name.clone())];
+                        (ing.name.clone(), ing.protocol, addr, ing.ready.clone())
                     })
-                };
-                let mut expanded_env = BTreeMap::new();
-                for (k, v) in &env {
-                    expanded_env.insert(k.clone(), expanded(&format!("env {k}"), v)?);
-                }
-                let command = svc
-                    .command
-                    .iter()
-                    .map(|a| expanded("command", a))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let env = expanded_env;
-                let cwd = svc.cwd.clone().unwrap_or_else(|| base_dir.to_path_buf());
+                    .collect();
+                let wiring::ServiceLaunch { env, command, cwd } = launch;
                 services.push(Arc::new(ServiceRt {
                     name: svc.name.clone(),
                     command,
@@ -1027,5 +998,17 @@ impl Env {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_counts_proxies_in_singular_and_plural() {
+        assert_eq!(proxies_listening(0), "0 edge proxies listening");
+        assert_eq!(proxies_listening(1), "1 edge proxy listening");
+        assert_eq!(proxies_listening(2), "2 edge proxies listening");
     }
 }
