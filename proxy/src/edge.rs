@@ -169,13 +169,14 @@ impl Active {
                 }
                 let j = jitter.as_secs_f64();
                 let off = self.with_rng(|r| r.random_range(-j..=j));
-                Duration::from_secs_f64((base.as_secs_f64() + off).max(0.0))
+                Duration::try_from_secs_f64((base.as_secs_f64() + off).max(0.0))
+                    .unwrap_or(Duration::MAX)
             }
             Delay::Normal { mean, stddev } => {
                 let d = Normal::new(mean.as_secs_f64(), stddev.as_secs_f64())
                     .map(|n| self.with_rng(|r| n.sample(r)))
                     .unwrap_or(mean.as_secs_f64());
-                Duration::from_secs_f64(d.max(0.0))
+                Duration::try_from_secs_f64(d.max(0.0)).unwrap_or(Duration::MAX)
             }
             Delay::LogNormal { p50, p99 } => {
                 // ln X ~ N(mu, sigma): median e^mu, p99 e^(mu + 2.3263 sigma).
@@ -184,7 +185,7 @@ impl Active {
                 let d = LogNormal::new(mu, sigma)
                     .map(|n| self.with_rng(|r| n.sample(r)))
                     .unwrap_or(p50.as_secs_f64());
-                Duration::from_secs_f64(d.max(0.0))
+                Duration::try_from_secs_f64(d.max(0.0)).unwrap_or(Duration::MAX)
             }
         }
     }

@@ -133,7 +133,10 @@ fn parse_decimal_duration(t: &str) -> Option<Duration> {
         return None;
     }
     let v: f64 = num.trim().parse().ok()?;
-    (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v * scale))
+    if !(v.is_finite() && v >= 0.0) {
+        return None;
+    }
+    Duration::try_from_secs_f64(v * scale).ok()
 }
 
 impl fmt::Display for HumanDuration {
@@ -972,6 +975,7 @@ impl ChaosSpec {
             ttl,
         } = self;
 
+        check_bounds(self)?;
         let is_tcp = protocol == Protocol::Tcp;
         let only = |field: &str, set: bool, allowed: &[Protocol]| -> Result<(), PolicyError> {
             if set && !allowed.contains(&protocol) {
@@ -1112,6 +1116,17 @@ impl ChaosSpec {
                 }
                 let mut hdrs = Vec::with_capacity(headers.len());
                 for (k, v) in headers {
+                    if FRAMING_HEADERS
+                        .iter()
+                        .any(|h| h.eq_ignore_ascii_case(k.trim()))
+                    {
+                        return Err(PolicyError::new(
+                            "headers",
+                            format!(
+                                "{k:?} cannot be set on an injected response: rig frames the response itself"
+                            ),
+                        ));
+                    }
                     if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
                         return Err(PolicyError::new(
                             "headers",
@@ -1318,6 +1333,68 @@ impl ChaosSpec {
     }
 }
 
+/// The longest `latency`, `jitter`, `latency_p99`, `hang_for`, `slow_close` and `slicer.delay`.
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+/// The longest `ttl`.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The largest `reset_after`, `limit_data`, `slicer.average_size` and `slicer.size_variation`.
+pub const MAX_SIZE: u64 = 1 << 40;
+/// Response headers an injected error may not set: rig frames the response itself, and these
+/// would misframe it (or are hop-by-hop).
+pub const FRAMING_HEADERS: [&str; 7] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+/// Reject durations and sizes beyond sane maxima, so no arithmetic on them in the data plane can
+/// overflow (`--latency 18446744073709551615s` would otherwise panic every connection).
+fn check_bounds(spec: &ChaosSpec) -> Result<(), PolicyError> {
+    let durations = [
+        ("latency", spec.latency, MAX_DURATION),
+        ("jitter", spec.jitter, MAX_DURATION),
+        ("latency_p99", spec.latency_p99, MAX_DURATION),
+        ("hang_for", spec.hang_for, MAX_DURATION),
+        ("slow_close", spec.slow_close, MAX_DURATION),
+        (
+            "slicer.delay",
+            spec.slicer.as_ref().map(|s| s.delay),
+            MAX_DURATION,
+        ),
+        ("ttl", spec.ttl, MAX_TTL),
+    ];
+    for (field, value, max) in durations {
+        if value.is_some_and(|d| d.0 > max) {
+            return Err(PolicyError::new(
+                field,
+                format!("must be at most {}", HumanDuration(max)),
+            ));
+        }
+    }
+    let sizes = [
+        ("reset_after", spec.reset_after),
+        ("limit_data", spec.limit_data),
+        (
+            "slicer.average_size",
+            spec.slicer.as_ref().map(|s| s.average_size),
+        ),
+        (
+            "slicer.size_variation",
+            spec.slicer.as_ref().map(|s| s.size_variation),
+        ),
+    ];
+    for (field, value) in sizes {
+        if value.is_some_and(|b| b.0 > MAX_SIZE) {
+            return Err(PolicyError::new(field, "must be at most 1TiB"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1465,5 +1542,83 @@ mod tests {
     fn empty_spec_is_passthrough() {
         let p = ChaosSpec::default().validate(Protocol::Tcp).unwrap();
         assert!(p.is_passthrough());
+    }
+
+    #[test]
+    fn durations_and_sizes_are_bounded_and_name_the_field() {
+        let cases = [
+            (
+                "latency = \"18446744073709551615s\"",
+                Protocol::Http,
+                "latency",
+            ),
+            (
+                "latency = \"1s\"\njitter = \"2h\"",
+                Protocol::Http,
+                "jitter",
+            ),
+            (
+                "latency = \"1s\"\ndistribution = \"lognormal\"\nlatency_p99 = \"2h\"",
+                Protocol::Http,
+                "latency_p99",
+            ),
+            (
+                "hang_rate = 1.0\nhang_for = \"61m\"",
+                Protocol::Http,
+                "hang_for",
+            ),
+            ("slow_close = \"2h\"", Protocol::Tcp, "slow_close"),
+            (
+                "slicer = { average_size = 10, delay = \"2h\" }",
+                Protocol::Tcp,
+                "slicer.delay",
+            ),
+            ("ttl = \"25h\"", Protocol::Http, "ttl"),
+            ("limit_data = \"2000GiB\"", Protocol::Tcp, "limit_data"),
+            ("reset_after = \"2000GiB\"", Protocol::Tcp, "reset_after"),
+        ];
+        for (toml, proto, field) in cases {
+            let err = parse(toml).unwrap().validate(proto).unwrap_err();
+            assert_eq!(err.field, field, "{toml}");
+            assert!(err.message.contains("at most"), "{err}");
+        }
+        assert!(
+            parse("latency = \"1h\"\nttl = \"24h\"")
+                .unwrap()
+                .validate(Protocol::Http)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn framing_headers_are_refused() {
+        for h in [
+            "Content-Length",
+            "transfer-encoding",
+            "Connection",
+            "Keep-Alive",
+            "Upgrade",
+            "TE",
+            "Trailer",
+        ] {
+            let spec = parse(&format!("status = 503\nheaders = {{ {h:?} = \"1\" }}")).unwrap();
+            let err = spec.validate(Protocol::Http).unwrap_err();
+            assert_eq!(err.field, "headers", "{h}");
+        }
+        let ok = parse("status = 503\nheaders = { \"Retry-After\" = \"1\" }").unwrap();
+        assert!(ok.validate(Protocol::Http).is_ok());
+    }
+
+    #[test]
+    fn huge_decimal_durations_fail_without_panicking() {
+        assert!(
+            "99999999999999999999999.5s"
+                .parse::<HumanDuration>()
+                .is_err()
+        );
+        assert_eq!(
+            "1.5s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(1500)
+        );
     }
 }
