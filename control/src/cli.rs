@@ -73,8 +73,9 @@ pub struct GlobalArgs {
     /// Bearer token for rigd
     #[arg(long, env = "RIG_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<Token>,
-    /// Which environment, when several run
-    #[arg(long = "env", env = "RIG_ENV", value_name = "NAME", global = true)]
+    /// Which environment, when several run. Read from RIGCTL_ENV, not RIG_ENV: rig sets RIG_ENV
+    /// in every service it starts, so a rigctl run by a service would inherit it.
+    #[arg(long = "env", env = "RIGCTL_ENV", value_name = "NAME", global = true)]
     pub env: Option<String>,
     /// Print JSON instead of tables
     #[arg(long, global = true)]
@@ -106,13 +107,16 @@ pub enum Command {
     /// Stop an environment
     Down {
         /// The environment (default: --env, or the only one running)
-        env: Option<String>,
+        #[arg(value_name = "ENV")]
+        name: Option<String>,
     },
     /// Services and edges of an environment
     #[command(visible_alias = "ps")]
     Status {
         /// The environment (default: --env, or the only one running)
-        env: Option<String>,
+        // Not `env`: that id is the global `--env`, and a clash makes clap refuse `ps --env X`.
+        #[arg(value_name = "ENV")]
+        name: Option<String>,
     },
     /// Running environments
     #[command(visible_alias = "list")]
@@ -219,8 +223,8 @@ pub async fn run_with(cli: Cli) -> anyhow::Result<()> {
     let g = &cli.global;
     match &cli.command {
         Command::Up(args) => up::up(g, args).await,
-        Command::Down { env } => down(g, env.as_deref()).await,
-        Command::Status { env } => status(g, env.as_deref()).await,
+        Command::Down { name } => down(g, name.as_deref()).await,
+        Command::Status { name } => status(g, name.as_deref()).await,
         Command::Ls => list(g).await,
         Command::Chaos(cmd) => chaos_command(g, cmd).await,
         Command::Events(args) => events(g, args).await,

@@ -28,7 +28,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ClientError {
     #[error("invalid rigd address {input:?}: {reason}")]
     BadAddress { input: String, reason: String },
-    #[error("no rigd answers at {addr} (start one with `rigd`, or `rigctl up FILE` starts it)")]
+    #[error(
+        "cannot connect to rigd at {addr}: connection refused (is rigd running? start one with `rigctl up` or `rigd`)"
+    )]
     NoDaemon { addr: DaemonAddr },
     #[error("cannot reach rigd at {addr}: {cause}")]
     Connect { addr: DaemonAddr, cause: String },
@@ -211,7 +213,7 @@ impl Client {
                 } else {
                     ClientError::Connect {
                         addr: addr.clone(),
-                        cause: error_chain(&e),
+                        cause: root_cause(&e),
                     }
                 }
             })?;
@@ -259,7 +261,7 @@ pub fn describe_status(status: &tonic::Status, addr: &DaemonAddr) -> String {
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
             if status.source().is_some() =>
         {
-            let cause = status.source().map(error_chain).unwrap_or_default();
+            let cause = status.source().map(root_cause).unwrap_or_default();
             if cause_is_refused(status) {
                 ClientError::NoDaemon { addr: addr.clone() }.to_string()
             } else {
@@ -286,6 +288,16 @@ fn cause_is_refused(err: &(dyn std::error::Error + 'static)) -> bool {
 
 fn is_connection_refused(err: &tonic::transport::Error) -> bool {
     cause_is_refused(err)
+}
+
+/// The innermost cause's message: the transport's wrappers ("transport error", "client error
+/// (Connect)") are library jargon that tells users nothing.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
 
 /// `outer: inner: innermost`, skipping links that repeat the previous message.
@@ -362,7 +374,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "no rigd answers at 127.0.0.1:{port} (start one with `rigd`, or `rigctl up FILE` starts it)"
+                "cannot connect to rigd at 127.0.0.1:{port}: connection refused (is rigd running? start one with `rigctl up` or `rigd`)"
             )
         );
     }

@@ -337,7 +337,7 @@ fn global_options_and_subcommands() {
     assert_eq!(cli.global.addr.to_string(), "127.0.0.1:9000");
     assert_eq!(cli.global.token(), Some("s3cret"));
     assert!(cli.global.json);
-    assert!(matches!(cli.command, Command::Status { env: None }));
+    assert!(matches!(cli.command, Command::Status { name: None }));
     // Secrets stay out of debug output.
     assert!(!format!("{cli:?}").contains("s3cret"));
 
@@ -1030,6 +1030,7 @@ async fn rigctl(args: &[&str]) -> Output {
         .env_remove("RIG_ADDR")
         .env_remove("RIG_TOKEN")
         .env_remove("RIG_ENV")
+        .env_remove("RIGCTL_ENV")
         .env("NO_COLOR", "1")
         .kill_on_drop(true)
         .output();
@@ -1056,9 +1057,65 @@ async fn no_daemon_is_explained_with_exit_code_1() {
     assert_eq!(
         text(&out.stderr).trim_end(),
         format!(
-            "error: no rigd answers at {addr} (start one with `rigd`, or `rigctl up FILE` starts it)"
+            "error: cannot connect to rigd at {addr}: connection refused (is rigd running? start one with `rigctl up` or `rigd`)"
         )
     );
+}
+
+#[test]
+fn global_options_go_before_or_after_the_subcommand() {
+    for args in [
+        &["ps", "--env", "shop", "--json"][..],
+        &["--env", "shop", "--json", "ps"][..],
+        &["down", "--env", "shop", "--json"][..],
+        &["chaos", "get", "--env", "shop", "--json"][..],
+    ] {
+        let cli = parse(args);
+        assert_eq!(cli.global.env(), Some("shop"), "{args:?}");
+        assert!(cli.global.json, "{args:?}");
+    }
+    let cli = parse(&["ps", "shop", "--addr", "127.0.0.1:9", "--token", "t"]);
+    assert!(matches!(cli.command, Command::Status { name: Some(ref n) } if n == "shop"));
+    assert_eq!(cli.global.addr.to_string(), "127.0.0.1:9");
+    assert_eq!(cli.global.token(), Some("t"));
+}
+
+#[tokio::test]
+async fn env_after_the_subcommand_and_from_rigctl_env_reaches_rigd() {
+    let (addr, _fake) = fake_rigd().await;
+    // The fake refuses the environment "nope": its message shows the name reached rigd.
+    let out = rigctl(&["ps", "--addr", &addr, "--token", TOKEN, "--env", "nope"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no environment named \"nope\""),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let run = |var: &'static str| {
+        let addr = addr.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_rigctl"))
+                .args(["--addr", &addr, "--token", TOKEN, "ps"])
+                .env_remove("RIG_ENV")
+                .env_remove("RIGCTL_ENV")
+                .env(var, "nope")
+                .env("NO_COLOR", "1")
+                .output()
+                .await
+                .expect("rigctl runs")
+        }
+    };
+    let out = run("RIGCTL_ENV").await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("\"nope\""),
+        "{}",
+        text(&out.stderr)
+    );
+    // RIG_ENV is what rig sets in every service: rigctl must not take it for --env.
+    let out = run("RIG_ENV").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
 #[tokio::test]

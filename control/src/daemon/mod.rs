@@ -241,6 +241,8 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
         state_dir: cfg.state_dir.clone(),
         shutdown: CancellationToken::new(),
     });
+    // Registered at once (adding 0 keeps another in-process rigd's count): /metrics is never empty.
+    metrics::gauge!("rig_environments").increment(0.0);
     envs::spawn_event_pump(&shared);
     spawn_metrics_upkeep(&shared);
 
