@@ -97,7 +97,7 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
         .into_response()
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -7,6 +7,7 @@
 
 pub mod envs;
 pub mod grpc;
+pub mod guard;
 pub mod http;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rig_proxy::EventSender;
 use tokio::net::TcpListener;
@@ -246,9 +248,21 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
     envs::spawn_event_pump(&shared);
     spawn_metrics_upkeep(&shared);
 
-    let app = http::router(shared.clone());
+    let app = http::router(shared.clone()).layer(axum::middleware::from_fn_with_state(
+        guard::Guard {
+            listen: addr,
+            shared: shared.clone(),
+        },
+        guard::guard,
+    ));
     let shutdown = shared.shutdown.clone();
     let server = tokio::spawn(async move {
+        // Small gRPC answers go out at once instead of waiting on Nagle.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let serve = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await });
         if let Err(e) = serve.await {
