@@ -52,7 +52,7 @@ use crate::edge::{Active, EdgeCtx, hold};
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
 use crate::policy::{ChaosPolicy, HangThen, PartitionMode};
 
-use body::{ConnLimiters, Dir, DownBody, Obs, Throttle, UpBody};
+use body::{ClientBodyError, ConnLimiters, Dir, DownBody, Obs, Throttle, UpBody};
 use respond::Rescue;
 use upstream::{H1Upstream, Kept, UpstreamError};
 
@@ -455,6 +455,9 @@ impl Proxy {
         };
         let resp = match sent {
             Ok(r) => r,
+            Err(e) if ClientBodyError::in_chain(&e) => {
+                return Ok(self.respond(Rescue::BadRequest("malformed request body"), None, obs));
+            }
             Err(e) => return Ok(self.respond(Rescue::Upstream(e), None, obs)),
         };
         if let Some(version) = plan.hold_response {

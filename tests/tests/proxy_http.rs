@@ -1069,3 +1069,37 @@ async fn a_subscriber_that_never_reads_does_not_slow_traffic_and_learns_what_it_
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_malformed_client_body_is_a_400_counted_as_the_clients() -> R {
+    let handle = prometheus();
+    let up = HttpUpstream::start().await?;
+    let edge = edge(
+        "client-body",
+        Protocol::Http,
+        up.addr(),
+        chaos(""),
+        EventSender::new(16),
+    )
+    .await?;
+    let mut s = tokio::net::TcpStream::connect(edge.local_addr()).await?;
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n",
+    )
+    .await?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "answer: {text:?}");
+    let scrape = handle.render();
+    let errors = prom::value(
+        &scrape,
+        "rig_edge_upstream_errors_total",
+        &[("edge", "client-body/api")],
+    );
+    assert_eq!(
+        errors, 0.0,
+        "a client's error is not the target's:\n{scrape}"
+    );
+    Ok(())
+}

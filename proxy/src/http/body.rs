@@ -209,19 +209,40 @@ impl UpBody {
     }
 }
 
+/// Reading the client's request body failed (a malformed chunk, the client went away): the
+/// client's fault, not the target's, so it is answered 400 and not counted as an upstream error.
+#[derive(Debug, thiserror::Error)]
+#[error("request body from the client: {0}")]
+pub(crate) struct ClientBodyError(#[source] pub(crate) hyper::Error);
+
+impl ClientBodyError {
+    /// Is `e` (or any of its sources) a failure to read the client's body?
+    pub(crate) fn in_chain(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cur = Some(e);
+        while let Some(c) = cur {
+            if c.is::<ClientBodyError>() {
+                return true;
+            }
+            cur = c.source();
+        }
+        false
+    }
+}
+
 impl Body for UpBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let this = self.get_mut();
         let r = match &mut this.throttle {
             Some(t) => t.poll_frame(Pin::new(&mut this.inner), cx),
             None => Pin::new(&mut this.inner).poll_frame(cx),
         };
+        let r = r.map(|f| f.map(|f| f.map_err(ClientBodyError)));
         if let Poll::Ready(Some(Ok(frame))) = &r
             && let Some(d) = frame.data_ref()
         {
