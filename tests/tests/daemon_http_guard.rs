@@ -91,3 +91,27 @@ fn forged_browser_requests_are_refused_and_start_nothing() {
     assert!(!ls.contains("pwn"), "an environment was started: {ls}");
     assert!(!marker.exists(), "the forged spec's command ran");
 }
+
+#[test]
+fn the_token_admits_a_caller_that_names_another_host() {
+    let rigd = Rigd::start_with(&[], Some("s3cret"));
+    let port = rigd.addr.port();
+    let head = format!("GET /metrics HTTP/1.1\r\nhost: rig.example:{port}");
+    assert_eq!(
+        status_of(rigd.addr, &head, b""),
+        403,
+        "foreign Host, no token"
+    );
+    let with = format!("{head}\r\nauthorization: Bearer s3cret");
+    assert_eq!(
+        status_of(rigd.addr, &with, b""),
+        200,
+        "foreign Host, valid token"
+    );
+    let wrong = format!("{head}\r\nauthorization: Bearer nope");
+    assert_eq!(
+        status_of(rigd.addr, &wrong, b""),
+        403,
+        "foreign Host, wrong token"
+    );
+}

@@ -3,7 +3,8 @@
 //!
 //! - `Host` (or the HTTP/2 `:authority`) must be a loopback name or address (`localhost`,
 //!   `127.0.0.0/8`, `[::1]`, any port) or rigd's own listen address: otherwise 403. This defeats
-//!   DNS rebinding, where a page on `evil.example` resolves its own name to 127.0.0.1.
+//!   DNS rebinding, where a page on `evil.example` resolves its own name to 127.0.0.1. A request
+//!   with the valid token passes (a remote caller of a rigd listening on another address).
 //! - A request carrying an `Origin` other than rigd's own (`http://<listen addr>`,
 //!   `http://localhost:<port>`, `http://127.0.0.1:<port>`, `http://[::1]:<port>`) is refused
 //!   with 403 unless it carries the valid token.
@@ -50,7 +51,9 @@ fn check(g: &Guard, req: &Request) -> Result<(), (StatusCode, &'static str)> {
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    if !host.is_some_and(|h| host_allowed(h, g.listen)) {
+    // A valid token is a credential no page can attach, so it also admits a remote caller of a
+    // rigd listening on a non-loopback address (which always has a token).
+    if !host.is_some_and(|h| host_allowed(h, g.listen)) && !token_ok(g, req) {
         return Err((StatusCode::FORBIDDEN, "host is not a loopback address"));
     }
     if let Some(origin) = req.headers().get(header::ORIGIN) {
