@@ -89,14 +89,10 @@ fn check(g: &Guard, req: &Request) -> Result<(), (StatusCode, &'static str)> {
 }
 
 fn token_ok(g: &Guard, req: &Request) -> bool {
-    let Some(token) = &g.shared.token else {
-        return false;
-    };
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| super::http::constant_time_eq(given.as_bytes(), token.as_bytes()))
+    g.shared
+        .token
+        .as_deref()
+        .is_some_and(|token| super::http::bearer_matches(req.headers(), token))
 }
 
 /// Split `host[:port]` / `[v6][:port]` into the host part.

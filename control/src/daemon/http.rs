@@ -62,12 +62,7 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
     let Some(token) = &shared.token else {
         return next.run(req).await;
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+    if bearer_matches(req.headers(), token) {
         return next.run(req).await;
     }
     let is_grpc = req
@@ -97,7 +92,16 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
         .into_response()
 }
 
-pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Does the request carry `authorization: Bearer <token>`? Compared in constant time.
+pub(super) fn bearer_matches(headers: &http::HeaderMap, token: &str) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
