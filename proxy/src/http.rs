@@ -108,6 +108,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
     builder.http1().timer(TokioTimer::new()).keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
+    let mut reserve = crate::limits::Reserve::new();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -116,6 +117,12 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
+            Err(e)
+                if crate::limits::is_fd_exhausted(&e)
+                    && crate::tcp::shed(&listener, &ctx, &mut reserve).await =>
+            {
+                continue;
+            }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 warn!(edge = %ctx.info.edge, error = %e, "accept failed");

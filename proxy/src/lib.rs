@@ -9,6 +9,7 @@
 pub mod edge;
 pub mod events;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod tcp;

@@ -13,6 +13,7 @@
 //! | `rig_edge_connections_open` | gauge | | connections open now |
 //! | `rig_edge_faults_injected_total` | counter | `fault` | faults injected, by kind |
 //! | `rig_edge_upstream_errors_total` | counter | | failures to reach the target |
+//! | `rig_edge_connections_refused_total` | counter | `reason` | connections the edge refused itself (`fd_limit`: out of file descriptors) |
 //! | `rig_edge_policy_version` | gauge | | version of the chaos policy in force |
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ pub const CONNECTIONS_TOTAL: &str = "rig_edge_connections_total";
 pub const CONNECTIONS_OPEN: &str = "rig_edge_connections_open";
 pub const FAULTS_INJECTED_TOTAL: &str = "rig_edge_faults_injected_total";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "rig_edge_upstream_errors_total";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "rig_edge_connections_refused_total";
 pub const POLICY_VERSION: &str = "rig_edge_policy_version";
 
 /// Register names, units and help texts with the installed recorder. Call once at start-up.
@@ -57,6 +59,10 @@ pub fn describe() {
     describe_counter!(
         UPSTREAM_ERRORS_TOTAL,
         "Failures to reach or talk to an edge's target"
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Connections an edge refused itself, by reason (fd_limit: out of file descriptors)"
     );
     describe_gauge!(
         POLICY_VERSION,
@@ -121,6 +127,7 @@ struct Inner {
     connections: Counter,
     open: Gauge,
     upstream_errors: Counter,
+    refused_fd_limit: Counter,
     version: Gauge,
     /// Counters of the usual statuses, found without a lock or a hash; allocated at the
     /// first request so idle edges do not pay for them.
@@ -151,6 +158,10 @@ impl EdgeMetrics {
                 connections: metrics::counter!(CONNECTIONS_TOTAL, labels.clone()),
                 open: metrics::gauge!(CONNECTIONS_OPEN, labels.clone()),
                 upstream_errors: metrics::counter!(UPSTREAM_ERRORS_TOTAL, labels.clone()),
+                refused_fd_limit: metrics::counter!(
+                    CONNECTIONS_REFUSED_TOTAL,
+                    with("reason", "fd_limit")
+                ),
                 version: metrics::gauge!(POLICY_VERSION, labels.clone()),
                 common_status: OnceLock::new(),
                 by_status: Mutex::default(),
@@ -227,6 +238,11 @@ impl EdgeMetrics {
 
     pub fn upstream_error(&self) {
         self.inner.upstream_errors.increment(1);
+    }
+
+    /// A connection was refused because the process is out of file descriptors.
+    pub fn refused_fd_limit(&self) {
+        self.inner.refused_fd_limit.increment(1);
     }
 
     pub fn policy_version(&self, v: u64) {

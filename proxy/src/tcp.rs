@@ -34,6 +34,7 @@ use tracing::debug;
 
 use crate::edge::{Active, EdgeCtx, Limiter};
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
+use crate::limits::{Reserve, is_fd_exhausted};
 use crate::policy::{BandwidthFault, ChaosPolicy, Direction, Latency};
 
 use self::splice::Pipe;
@@ -48,10 +49,15 @@ const READ_CHUNK: usize = 64 * 1024;
 /// connection; past it the pump stops reading and tcp flow control pushes back on the sender.
 const QUEUE_CAP: usize = 1024 * 1024;
 
+/// The error of a connection refused because rig is out of file descriptors: it names rig's
+/// limit, never the target.
+pub const FD_LIMIT_REFUSAL: &str = "refused by rig: out of file descriptors (fd_limit)";
+
 /// `Conn::doom` when the connection is not doomed to a reset.
 const NO_DOOM: u64 = u64::MAX;
 
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
+    let mut reserve = Reserve::new();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -67,6 +73,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
                 ctx.tracker
                     .spawn(handle(ctx.clone(), stream, peer, act, fate));
             }
+            Err(e) if is_fd_exhausted(&e) && shed(&listener, &ctx, &mut reserve).await => {}
             Err(e) => {
                 debug!(edge = %ctx.info.edge, error = %e, "accept failed");
                 // Out of file descriptors or memory: back off instead of spinning on the error.
@@ -80,6 +87,29 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
         }
     }
     debug!(edge = %ctx.info.edge, "tcp edge stopped accepting");
+}
+
+/// Out of file descriptors with a connection waiting: free the reserve descriptor, accept the
+/// connection and reset it at once (the client sees a refusal, not a hang in the backlog),
+/// count it and take the reserve back. False when there was no reserve to free or the accept
+/// still failed (the caller backs off).
+pub(crate) async fn shed(listener: &TcpListener, ctx: &EdgeCtx, reserve: &mut Reserve) -> bool {
+    if !reserve.release() {
+        reserve.restore();
+        return false;
+    }
+    let shed = match listener.accept().await {
+        Ok((stream, _)) => {
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            ctx.metrics.refused_fd_limit();
+            reserve.warn(&ctx.info.edge, "new connection");
+            true
+        }
+        Err(_) => false,
+    };
+    reserve.restore();
+    shed
 }
 
 /// Errors of `accept` that concern one connection only (the next accept may well succeed).
@@ -307,6 +337,12 @@ impl Conn {
         };
         let target = match connect {
             Ok(t) => t,
+            Err(e) if is_fd_exhausted(&e) => {
+                // rig's own limit, not the target's fault.
+                ctx.metrics.refused_fd_limit();
+                crate::limits::warn_fd_limit(&ctx.info.edge, "connection to the target");
+                return (End::Reset(FD_LIMIT_REFUSAL.into()), None);
+            }
             Err(e) => {
                 ctx.metrics.upstream_error();
                 let msg = format!("target unreachable: {}", describe(&e));

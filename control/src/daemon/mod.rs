@@ -196,6 +196,10 @@ fn describe_control_metrics() {
 
 /// Start rigd: check the configuration, sweep orphans of a previous rigd, bind, and serve.
 pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
+    match rig_proxy::limits::raise_nofile_limit() {
+        Ok((soft, _)) => tracing::info!("connection budget: {soft} file descriptors"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
     if !cfg.listen.ip().is_loopback() && cfg.token.is_none() {
         return Err(DaemonError::InsecureListen(cfg.listen));
     }

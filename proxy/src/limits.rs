@@ -1,0 +1,105 @@
+//! File-descriptor limits: raise the soft `RLIMIT_NOFILE` to the hard limit at start-up, and
+//! shed connections cleanly when the process runs out of descriptors anyway.
+
+use std::fs::File;
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard limit. Returns the `(soft, hard)` now in force.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    Ok((soft, hard))
+}
+
+/// Is `e` the process (`EMFILE`) or the system (`ENFILE`) out of file descriptors?
+pub fn is_fd_exhausted(e: &io::Error) -> bool {
+    let code = e.raw_os_error();
+    code == Some(nix::errno::Errno::EMFILE as i32) || code == Some(nix::errno::Errno::ENFILE as i32)
+}
+
+/// One descriptor held in reserve (`/dev/null`) so an accept loop that hits `EMFILE` can free
+/// it, accept the waiting connection and close it at once, instead of leaving it in the
+/// backlog and spinning on the error.
+#[derive(Debug)]
+pub struct Reserve {
+    fd: Option<File>,
+}
+
+/// At most one fd-limit warning per this interval.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+impl Default for Reserve {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Reserve {
+    pub fn new() -> Reserve {
+        Reserve {
+            fd: File::open("/dev/null").ok(),
+        }
+    }
+
+    /// Free the reserved descriptor; true if there was one to free.
+    pub fn release(&mut self) -> bool {
+        self.fd.take().is_some()
+    }
+
+    /// Take the reserve descriptor back (best effort: retried at the next release).
+    pub fn restore(&mut self) {
+        if self.fd.is_none() {
+            self.fd = File::open("/dev/null").ok();
+        }
+    }
+
+    /// Log a rate-limited warning that a connection was refused for want of descriptors.
+    pub fn warn(&mut self, edge: &str, what: &str) {
+        warn_fd_limit(edge, what);
+    }
+}
+
+/// Log, at most once per [`WARN_EVERY`] for the whole process, that `what` was refused on
+/// `edge` for want of file descriptors; the refusals in between are counted in the next line.
+pub fn warn_fd_limit(edge: &str, what: &str) {
+    static LAST: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if last.0.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
+        last.1 += 1;
+        return;
+    }
+    let also = std::mem::take(&mut last.1);
+    last.0 = Some(now);
+    drop(last);
+    tracing::warn!(
+        edge,
+        also_refused = also,
+        "out of file descriptors: {what} refused (raise RLIMIT_NOFILE)"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emfile_and_enfile_are_exhaustion() {
+        assert!(is_fd_exhausted(&io::Error::from_raw_os_error(
+            nix::errno::Errno::EMFILE as i32
+        )));
+        assert!(is_fd_exhausted(&io::Error::from_raw_os_error(
+            nix::errno::Errno::ENFILE as i32
+        )));
+        assert!(!is_fd_exhausted(&io::Error::from_raw_os_error(
+            nix::errno::Errno::ECONNREFUSED as i32
+        )));
+    }
+}
