@@ -73,6 +73,34 @@ pub use vars::{expand_vars, var_refs};
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default grace between SIGTERM and SIGKILL when stopping a service.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
+/// The longest environment, service, ingress or egress name, in bytes: a DNS label's limit, as
+/// for Docker Compose project names. rigd refuses longer names arriving through its API too.
+pub const MAX_NAME_LEN: usize = 63;
+/// The largest spec file rigctl reads (and spec text rigd accepts in `Up`), in bytes: 1 MiB,
+/// well under gRPC's 4 MiB message limit.
+pub const MAX_SPEC_BYTES: u64 = 1024 * 1024;
+
+/// Refuses a name longer than [`MAX_NAME_LEN`]; the message quotes only its start, so an
+/// over-long name does not make an over-long error. `kind` is "environment", "service", ...
+pub fn check_name_len(kind: &str, name: &str) -> Result<(), String> {
+    if name.len() <= MAX_NAME_LEN {
+        return Ok(());
+    }
+    Err(format!(
+        "{kind} name {} is {} bytes long: at most {MAX_NAME_LEN}",
+        preview(name),
+        name.len()
+    ))
+}
+
+/// `name` quoted, cut to its first 16 characters (then `…`) when longer.
+pub fn preview(name: &str) -> String {
+    const SHOWN: usize = 16;
+    match name.char_indices().nth(SHOWN) {
+        Some((i, _)) => format!("{:?}…", &name[..i]),
+        None => format!("{name:?}"),
+    }
+}
 
 /// A spec that failed to load: where, and why.
 ///
@@ -467,12 +495,48 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
             "unsupported spec format: expected a .toml or .json file",
         )
     })?;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| SpecError::plain(&origin, format!("cannot read the spec: {e}")))?;
+    let text = read_spec_text(path)?;
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut spec = parse_in(&text, format, &origin, abs.parent())?;
     spec.path = Some(abs);
     Ok(spec)
+}
+
+/// A spec file's text, refused without reading it all when over [`MAX_SPEC_BYTES`] (by its size
+/// when it has one, else by reading one byte past the limit, for pipes and devices). The error
+/// names the file and the limit.
+pub fn read_spec_text(path: &Path) -> Result<String, SpecError> {
+    use std::io::Read as _;
+    let origin = path.display().to_string();
+    let cannot =
+        |e: std::io::Error| SpecError::plain(&origin, format!("cannot read the spec: {e}"));
+    let too_big = |n: String| {
+        SpecError::plain(
+            &origin,
+            format!("the spec is {n} bytes, over rig's limit of {MAX_SPEC_BYTES} bytes (1 MiB)"),
+        )
+    };
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if meta.is_file() && meta.len() > MAX_SPEC_BYTES {
+        return Err(too_big(meta.len().to_string()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SPEC_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(too_big(format!("more than {MAX_SPEC_BYTES}")));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        SpecError::plain(
+            &origin,
+            format!(
+                "cannot read the spec: not UTF-8 (at byte {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
 }
 
 /// Validates spec text. `origin` names it in errors (rigd gets the text over gRPC with the
@@ -562,6 +626,7 @@ pub fn check_ports(spec: &Spec) -> Result<(), SpecError> {
 fn build(raw: RawSpec, src: Source, base: Option<&Path>) -> Result<Spec, SpecError> {
     let err = |path: FieldPath, msg: String| SpecError::at(&src, &path, msg);
 
+    check_name_len("environment", &raw.name).map_err(|m| err(FieldPath::new(&["name"]), m))?;
     if raw.name.is_empty()
         || !raw
             .name
@@ -641,6 +706,7 @@ fn build(raw: RawSpec, src: Source, base: Option<&Path>) -> Result<Spec, SpecErr
 type Problem = (FieldPath, String);
 
 fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    check_name_len(kind, name)?;
     let mut chars = name.chars();
     let ok = chars.next().is_some_and(|c| c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
@@ -819,8 +885,8 @@ fn build_egress(
         return Err((
             service_path,
             format!(
-                "unknown service {:?} (known: {})",
-                re.service,
+                "unknown service {} (known: {})",
+                preview(&re.service),
                 known.join(", ")
             ),
         ));
@@ -853,7 +919,8 @@ fn build_egress(
             (
                 path.clone().key("ingress"),
                 format!(
-                    "unknown ingress {i:?} of service {:?} (known: {})",
+                    "unknown ingress {} of service {:?} (known: {})",
+                    preview(i),
                     target.name,
                     ingress_names()
                 ),

@@ -15,10 +15,22 @@
 //!   dead rigd left;
 //! - dropping a [`Child`] that is still running SIGKILLs its group.
 //!
-//! Output: stdout and stderr are read line by line into [`LogLine`]s, sent on
-//! an unbounded channel (so a child never blocks because nobody reads; the
-//! receiver should be drained, or dropped) and kept in a ring buffer of the
-//! last [`RECENT_LOG_LINES`] lines ([`Child::recent_logs`]).
+//! Output: stdout and stderr are read line by line into [`LogLine`]s, kept in
+//! a ring buffer of the last [`RECENT_LOG_LINES`] lines
+//! ([`Child::recent_logs`]) and sent on a bounded channel ([`LogOutput`]).
+//! The pipes are always drained, so a child never blocks on its output, and
+//! what rigd holds of it stays bounded:
+//! - lines are cut at [`MAX_LINE_BYTES`];
+//! - each service may log [`LOG_LINES_PER_SEC`] lines a second (both streams
+//!   together) with bursts of [`LOG_LINES_BURST`]; the lines over that rate
+//!   are dropped (reason `rate`);
+//! - lines are sent with `try_send`: when the channel is full (its reader is
+//!   behind; [`LOG_QUEUE_LINES`] is the capacity rigd uses) the line is
+//!   dropped (reason `queue_full`);
+//! - dropped lines are counted in `rig_service_log_lines_dropped_total{env,
+//!   service,reason}`, and at most every [`LOG_DROP_NOTICE_INTERVAL`] (and at
+//!   the end of the stream) one line on the stream says how many were
+//!   dropped since the last such notice.
 
 mod logs;
 mod procfs;
@@ -28,6 +40,7 @@ mod spawner;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
+use std::num::NonZeroU32;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -44,12 +57,24 @@ use tracing::{debug, info, warn};
 
 pub use record::{ChildRecord, sweep_orphans};
 
-use logs::{LineSink, RecentLogs};
+use logs::{Outlet, RecentLogs};
 
 /// How many lines [`Child::recent_logs`] keeps (both streams together).
 pub const RECENT_LOG_LINES: usize = 50;
 /// Lines longer than this many bytes are cut (and marked with `…`).
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
+/// Lines per second a service may log (stdout and stderr together) once its
+/// burst is spent; the lines over this rate are dropped and counted.
+pub const LOG_LINES_PER_SEC: u32 = 1_000;
+/// Lines a service may log at once above [`LOG_LINES_PER_SEC`] (the burst
+/// refills at that rate), so a start-up banner or a stack trace passes whole.
+pub const LOG_LINES_BURST: u32 = 5_000;
+/// Capacity, in lines, of the channel rigd gives the services of one
+/// environment ([`LogOutput::tx`]); a line that finds it full is dropped and
+/// counted. At [`MAX_LINE_BYTES`] a line, it holds at most 16 MiB.
+pub const LOG_QUEUE_LINES: usize = 1_024;
+/// How often at most a stream says how many of its lines were dropped.
+pub const LOG_DROP_NOTICE_INTERVAL: Duration = Duration::from_secs(1);
 /// A reasonable [`ProcessSpec::stop_grace`].
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -121,6 +146,56 @@ pub struct LogLine {
     pub line: String,
     /// When rigd read it.
     pub time: SystemTime,
+}
+
+/// How many output lines a service may log; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Sustained lines per second, both streams together.
+    pub lines_per_sec: NonZeroU32,
+    /// Lines that may pass at once above the rate.
+    pub burst: NonZeroU32,
+    /// How often at most a stream reports its dropped lines.
+    pub notice_interval: Duration,
+}
+
+impl Default for LogLimits {
+    /// [`LOG_LINES_PER_SEC`], [`LOG_LINES_BURST`], [`LOG_DROP_NOTICE_INTERVAL`].
+    fn default() -> Self {
+        LogLimits {
+            lines_per_sec: NonZeroU32::new(LOG_LINES_PER_SEC).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(LOG_LINES_BURST).unwrap_or(NonZeroU32::MIN),
+            notice_interval: LOG_DROP_NOTICE_INTERVAL,
+        }
+    }
+}
+
+/// Where a child's output lines go, and how many of them.
+#[derive(Clone, Debug)]
+pub struct LogOutput {
+    /// Bounded: a line that finds it full is dropped (and counted).
+    pub tx: mpsc::Sender<LogLine>,
+    /// The `env` label of `rig_service_log_lines_dropped_total`.
+    pub env: String,
+    pub limits: LogLimits,
+}
+
+impl LogOutput {
+    /// Output to `tx` for a service of environment `env`, with the default limits.
+    pub fn new(tx: mpsc::Sender<LogLine>, env: impl Into<String>) -> Self {
+        LogOutput {
+            tx,
+            env: env.into(),
+            limits: LogLimits::default(),
+        }
+    }
+}
+
+impl From<mpsc::Sender<LogLine>> for LogOutput {
+    /// Output outside any environment (an empty `env` label).
+    fn from(tx: mpsc::Sender<LogLine>) -> Self {
+        LogOutput::new(tx, "")
+    }
 }
 
 /// How a child ended.
@@ -239,10 +314,7 @@ impl Child {
     /// the state directory given to [`init`] (if any).
     ///
     /// Must be called inside a tokio runtime, which then supervises the child.
-    pub fn spawn(
-        spec: ProcessSpec,
-        logs: mpsc::UnboundedSender<LogLine>,
-    ) -> Result<Child, SpawnError> {
+    pub fn spawn(spec: ProcessSpec, logs: impl Into<LogOutput>) -> Result<Child, SpawnError> {
         let state_dir = STATE_DIR
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -254,9 +326,10 @@ impl Child {
     /// nowhere) instead of the directory given to [`init`].
     pub fn spawn_recorded(
         spec: ProcessSpec,
-        logs: mpsc::UnboundedSender<LogLine>,
+        logs: impl Into<LogOutput>,
         state_dir: Option<&Path>,
     ) -> Result<Child, SpawnError> {
+        let logs = logs.into();
         let handle = Handle::try_current().map_err(|_| SpawnError::NoRuntime {
             service: spec.name.clone(),
         })?;
@@ -286,26 +359,13 @@ impl Child {
         });
 
         let recent = Arc::new(RecentLogs::new(RECENT_LOG_LINES));
+        let outlet = Arc::new(Outlet::new(&spec.name, logs, recent.clone()));
         let mut pumps = Vec::with_capacity(2);
         if let Some(stdout) = child.stdout.take() {
-            pumps.push(spawn_pump(
-                &handle,
-                stdout,
-                &spec.name,
-                Stream::Stdout,
-                &logs,
-                &recent,
-            ));
+            pumps.push(spawn_pump(&handle, stdout, Stream::Stdout, &outlet));
         }
         if let Some(stderr) = child.stderr.take() {
-            pumps.push(spawn_pump(
-                &handle,
-                stderr,
-                &spec.name,
-                Stream::Stderr,
-                &logs,
-                &recent,
-            ));
+            pumps.push(spawn_pump(&handle, stderr, Stream::Stderr, &outlet));
         }
 
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -398,23 +458,11 @@ impl Drop for Child {
 fn spawn_pump(
     handle: &Handle,
     reader: impl tokio::io::AsyncRead + Unpin + Send + 'static,
-    service: &str,
     stream: Stream,
-    logs: &mpsc::UnboundedSender<LogLine>,
-    recent: &Arc<RecentLogs>,
+    outlet: &Arc<Outlet>,
 ) -> JoinHandle<()> {
-    let service = service.to_owned();
-    let out = logs.clone();
-    let recent = recent.clone();
-    handle.spawn(async move {
-        let sink = LineSink {
-            service: &service,
-            stream,
-            out: &out,
-            recent: &recent,
-        };
-        logs::pump(reader, sink).await;
-    })
+    let outlet = outlet.clone();
+    handle.spawn(async move { logs::pump(reader, &outlet, stream).await })
 }
 
 /// What the supervising task owns.

@@ -442,6 +442,30 @@ fn up_request_reads_the_file_and_names_it_on_errors() {
 }
 
 #[test]
+fn up_request_refuses_a_spec_over_the_size_limit_naming_file_and_limit() {
+    let dir = temp_dir("up-big");
+    let limit = rig_control::spec::MAX_SPEC_BYTES;
+    // Exactly at the limit: read (a comment pads a valid header).
+    let at = dir.join("at.toml");
+    let head = "name = \"big\"\n#";
+    let mut text = head.to_string();
+    text.push_str(&"x".repeat(limit as usize - head.len()));
+    std::fs::write(&at, &text).unwrap();
+    assert_eq!(up_request(&at).unwrap().spec.len() as u64, limit);
+
+    text.push('x');
+    let over = dir.join("over.toml");
+    std::fs::write(&over, &text).unwrap();
+    let err = format!("{:#}", up_request(&over).unwrap_err());
+    assert!(
+        err.contains("over.toml") && err.contains(&limit.to_string()) && err.contains("1 MiB"),
+        "{err}"
+    );
+    assert!(!err.contains("gRPC") && !err.contains("message"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_demo_spec_is_found_here_or_next_to_the_build() {
     let dir = temp_dir("demo");
     let repo = dir.join("repo");

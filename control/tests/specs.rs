@@ -925,6 +925,91 @@ fn json_errors_are_located_too() {
     assert_eq!(e.field, None);
 }
 
+/// A spec with an environment, service, ingress and egress named as given.
+fn named(env: &str, svc: &str, ing: &str, eg: &str) -> String {
+    format!(
+        "name = \"{env}\"\n[services.store]\ncommand = [\"kv\"]\n[services.store.ingresses.{ing}]\nprotocol = \"tcp\"\n[services.{svc}]\ncommand = [\"web\"]\n[services.{svc}.egresses.{eg}]\nservice = \"store\"\n"
+    )
+}
+
+#[test]
+fn names_are_at_most_63_bytes_and_the_error_names_the_field() {
+    assert_eq!(spec::MAX_NAME_LEN, 63);
+    let max = "a".repeat(63);
+    let long = "a".repeat(64);
+    let s = toml_ok(&named(&max, &max, &max, &max));
+    assert_eq!(s.name, max);
+    assert!(s.services[&max].egresses.contains_key(&max));
+
+    let cases = [
+        (named(&long, "web", "main", "store"), "name", "environment"),
+        (
+            named("shop", &long, "main", "store"),
+            &*format!("services.{long}"),
+            "service",
+        ),
+        (
+            named("shop", "web", &long, "store"),
+            &*format!("services.store.ingresses.{long}"),
+            "ingress",
+        ),
+        (
+            named("shop", "web", "main", &long),
+            &*format!("services.web.egresses.{long}"),
+            "egress",
+        ),
+    ];
+    for (text, field, kind) in &cases {
+        let e = toml_err(text);
+        assert_eq!(e.field.as_deref(), Some(*field), "{e}");
+        assert!(e.line.is_some(), "{e}");
+        assert_eq!(
+            e.message,
+            format!("{kind} name \"aaaaaaaaaaaaaaaa\"… is 64 bytes long: at most 63")
+        );
+    }
+    // Huge: refused as quickly, and the message stays short.
+    let e = toml_err(&named(&"a".repeat(100_000), "web", "main", "store"));
+    assert!(e.message.len() < 100, "{}", e.message);
+    // The same in JSON.
+    let json = format!(r#"{{"name": "{long}", "services": {{"a": {{"command": ["x"]}}}}}}"#);
+    let e = spec::parse(&json, Format::Json, "long.json").unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("name"), "{e}");
+    assert!(e.message.contains("at most 63"), "{e}");
+}
+
+#[test]
+fn a_spec_file_over_the_size_limit_is_refused_naming_file_and_limit() {
+    let dir = std::env::temp_dir().join(format!("rig-spec-size-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let limit = spec::MAX_SPEC_BYTES;
+    assert_eq!(limit, 1024 * 1024);
+    let big = dir.join("big.toml");
+    let mut text = String::from("name = \"big\"\n#");
+    text.push_str(&"x".repeat(limit as usize));
+    std::fs::write(&big, &text).unwrap();
+    for e in [
+        spec::load(&big).unwrap_err(),
+        spec::read_spec_text(&big).unwrap_err(),
+    ] {
+        assert_eq!(e.origin, big.display().to_string());
+        assert_eq!(
+            e.message,
+            format!(
+                "the spec is {} bytes, over rig's limit of {limit} bytes (1 MiB)",
+                text.len()
+            )
+        );
+    }
+    // Without a size to look at (a pipe), reading stops one byte past the limit.
+    let e = spec::read_spec_text(Path::new("/dev/zero")).unwrap_err();
+    assert!(
+        e.message.contains(&format!("more than {limit} bytes")),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn every_prefix_of_a_spec_fails_cleanly_or_loads() {
     // Truncated files hit every error path of both parsers and the locators: none may panic,

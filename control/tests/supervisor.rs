@@ -13,11 +13,11 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use rig_control::supervisor::{
-    Child, ChildRecord, ExitInfo, LogLine, MAX_LINE_BYTES, ProcessSpec, RECENT_LOG_LINES,
-    SpawnError, Stream, init, sweep_orphans,
+    Child, ChildRecord, ExitInfo, LOG_QUEUE_LINES, LogLine, MAX_LINE_BYTES, ProcessSpec,
+    RECENT_LOG_LINES, SpawnError, Stream, init, sweep_orphans,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::{Receiver, channel};
 use tokio::time::{Instant, sleep, timeout};
 
 /// Generous bound for anything that should take milliseconds, on a loaded
@@ -30,7 +30,7 @@ fn sh(name: &str, script: &str) -> ProcessSpec {
     spec
 }
 
-async fn recv_line(rx: &mut UnboundedReceiver<LogLine>) -> LogLine {
+async fn recv_line(rx: &mut Receiver<LogLine>) -> LogLine {
     timeout(WAIT, rx.recv())
         .await
         .expect("a log line in time")
@@ -96,7 +96,7 @@ impl Drop for TempDir {
 
 #[tokio::test]
 async fn output_of_both_streams_arrives_and_stop_terminates_with_sigterm() {
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let child = Child::spawn(sh("web", "echo hello; echo oops >&2; sleep 30"), tx).expect("spawn");
     let mut seen = BTreeSet::new();
     while seen.len() < 2 {
@@ -127,7 +127,7 @@ async fn output_of_both_streams_arrives_and_stop_terminates_with_sigterm() {
 
 #[tokio::test]
 async fn a_child_ignoring_sigterm_is_killed_after_the_grace_period() {
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let mut spec = sh("stubborn", "trap '' TERM; echo ready; sleep 30");
     spec.stop_grace = Duration::from_millis(300);
     let child = Child::spawn(spec, tx).expect("spawn");
@@ -152,7 +152,7 @@ async fn a_child_ignoring_sigterm_is_killed_after_the_grace_period() {
 
 #[tokio::test]
 async fn stop_reaches_grandchildren() {
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let child = Child::spawn(sh("script", "sleep 30 & echo $!; wait"), tx).expect("spawn");
     let grandchild: u32 = recv_line(&mut rx).await.line.parse().expect("pid printed");
     assert!(!gone(grandchild), "grandchild runs");
@@ -163,7 +163,7 @@ async fn stop_reaches_grandchildren() {
 
 #[tokio::test]
 async fn when_a_child_exits_the_rest_of_its_group_is_stopped() {
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let child = Child::spawn(sh("leaver", "sleep 30 & echo $!"), tx).expect("spawn");
     let grandchild: u32 = recv_line(&mut rx).await.line.parse().expect("pid printed");
     assert_eq!(
@@ -176,7 +176,7 @@ async fn when_a_child_exits_the_rest_of_its_group_is_stopped() {
 
 #[tokio::test]
 async fn dropping_a_running_child_kills_its_group() {
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let child = Child::spawn(sh("dropped", "sleep 30 & echo $!; wait"), tx).expect("spawn");
     let grandchild: u32 = recv_line(&mut rx).await.line.parse().expect("pid printed");
     let pid = child.pid();
@@ -187,7 +187,7 @@ async fn dropping_a_running_child_kills_its_group() {
 
 #[tokio::test]
 async fn wait_exit_reports_the_exit_code_to_every_waiter() {
-    let (tx, _rx) = unbounded_channel();
+    let (tx, _rx) = channel(LOG_QUEUE_LINES);
     let child = Child::spawn(sh("failing", "exit 3"), tx).expect("spawn");
     let (a, b) = timeout(WAIT, async {
         tokio::join!(child.wait_exit(), child.wait_exit())
@@ -204,7 +204,7 @@ async fn wait_exit_reports_the_exit_code_to_every_waiter() {
 
 #[tokio::test]
 async fn concurrent_stops_agree() {
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let child = Child::spawn(sh("twice", "echo up; sleep 30"), tx).expect("spawn");
     recv_line(&mut rx).await;
     let (a, b) = timeout(WAIT, async { tokio::join!(child.stop(), child.stop()) })
@@ -216,7 +216,7 @@ async fn concurrent_stops_agree() {
 
 #[tokio::test]
 async fn a_missing_program_is_an_error_naming_service_and_program() {
-    let (tx, _rx) = unbounded_channel();
+    let (tx, _rx) = channel(LOG_QUEUE_LINES);
     let err = Child::spawn(
         ProcessSpec::new("web", ["rig-dem-no-such-program"]),
         tx.clone(),
@@ -255,7 +255,7 @@ async fn a_missing_program_is_an_error_naming_service_and_program() {
 
 #[tokio::test]
 async fn a_bad_working_directory_is_an_error() {
-    let (tx, _rx) = unbounded_channel();
+    let (tx, _rx) = channel(LOG_QUEUE_LINES);
     let mut spec = sh("lost", "true");
     spec.cwd = Some("/nonexistent/rig-supervisor".into());
     let err = Child::spawn(spec, tx).expect_err("no such cwd");
@@ -269,7 +269,7 @@ async fn a_bad_working_directory_is_an_error() {
 
 #[tokio::test]
 async fn recent_logs_keeps_the_tail_of_both_streams() {
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let script = "i=0; while [ $i -lt 200 ]; do echo line $i; i=$((i+1)); done; echo done >&2";
     let child = Child::spawn(sh("chatty", script), tx).expect("spawn");
     assert_eq!(
@@ -300,7 +300,7 @@ async fn recent_logs_keeps_the_tail_of_both_streams() {
 
 #[tokio::test]
 async fn long_lines_are_cut() {
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let script = "head -c 100000 /dev/zero | tr '\\0' x; echo; echo after";
     let child = Child::spawn(sh("long", script), tx).expect("spawn");
     let first = recv_line(&mut rx).await.line;
@@ -312,7 +312,7 @@ async fn long_lines_are_cut() {
 
 #[tokio::test]
 async fn environment_is_inherited_then_extended_and_path_starts_with_the_exe_dir() {
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let mut spec = sh("envy", "echo \"$GREETING\"; echo \"$HOME\"; echo \"$PATH\"");
     spec.env.insert("GREETING".into(), "hi there".into());
     spec.env.insert("PATH".into(), "/usr/bin:/bin".into());
@@ -347,7 +347,7 @@ async fn a_program_next_to_the_executable_is_found_without_path() {
         .expect("file name")
         .to_string_lossy()
         .into_owned();
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let mut spec = ProcessSpec::new("self", [name.as_str(), "--list"]);
     spec.env.insert("PATH".into(), "/nonexistent".into());
     let child = Child::spawn(spec, tx).expect("found next to the executable");
@@ -375,7 +375,7 @@ async fn a_relative_program_resolves_against_the_working_directory() {
     fs::write(&script, "#!/bin/sh\necho \"ran in $(pwd -P)\"\n").expect("write script");
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod");
 
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let mut spec = ProcessSpec::new("local", ["./bin/run.sh"]);
     spec.cwd = Some(dir.path().to_path_buf());
     let child = Child::spawn(spec, tx).expect("spawn");
@@ -393,7 +393,7 @@ async fn a_relative_program_resolves_against_the_working_directory() {
 #[tokio::test]
 async fn a_record_exists_while_the_child_runs() {
     let dir = TempDir::new("record");
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let child =
         Child::spawn_recorded(sh("db", "echo up; sleep 30"), tx, Some(dir.path())).expect("spawn");
     recv_line(&mut rx).await;
@@ -417,7 +417,7 @@ async fn a_record_exists_while_the_child_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_outlives_the_thread_that_spawned_it() {
     let handle = tokio::runtime::Handle::current();
-    let (tx, _rx) = unbounded_channel();
+    let (tx, _rx) = channel(LOG_QUEUE_LINES);
     let child = std::thread::spawn(move || {
         let _runtime = handle.enter();
         Child::spawn(sh("orphan-thread", "sleep 30"), tx)
@@ -453,7 +453,7 @@ async fn death_signal_helper() {
         return;
     };
     assert_eq!(init(Path::new(&dir)).expect("init"), 0);
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel(LOG_QUEUE_LINES);
     let child = Child::spawn(sh("victim", "sleep 60 & echo $!; wait"), tx).expect("spawn");
     let grandchild = recv_line(&mut rx).await.line;
     println!("PIDS {} {grandchild}", child.pid());

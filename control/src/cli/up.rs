@@ -41,8 +41,9 @@ pub fn up_request(file: &Path) -> anyhow::Result<pb::UpRequest> {
             file.display()
         ),
     };
-    let spec =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    // Bounded: a spec over the limit is refused here, naming the file, not by gRPC's message
+    // limit halfway through the call.
+    let spec = crate::spec::read_spec_text(file).map_err(|e| anyhow!("{e}"))?;
     Ok(pb::UpRequest {
         spec,
         format: format.to_string(),

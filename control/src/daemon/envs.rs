@@ -20,7 +20,7 @@ use crate::eventlog::{NewEvent, unix_secs};
 use crate::events::EventData;
 use crate::registry::wiring;
 use crate::spec::{self, Readiness, Spec, derive_seed};
-use crate::supervisor::{Child, LogLine, ProcessSpec};
+use crate::supervisor::{Child, LOG_QUEUE_LINES, LogLine, LogOutput, ProcessSpec};
 
 /// The running environments, by name.
 #[derive(Debug, Default)]
@@ -361,7 +361,7 @@ impl Registry {
         });
 
         // 3. Logs of every service become `service.log` events.
-        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<LogLine>();
+        let (log_tx, mut log_rx) = mpsc::channel::<LogLine>(LOG_QUEUE_LINES);
         {
             let log = shared.log.clone();
             let env_name = env_name.clone();
@@ -576,7 +576,7 @@ async fn start_service(
     env_name: &str,
     svc: &Arc<ServiceRt>,
     progress: &Progress,
-    logs: mpsc::UnboundedSender<LogLine>,
+    logs: mpsc::Sender<LogLine>,
     state_dir: &Path,
 ) -> Result<(), Status> {
     let started = Instant::now();
@@ -604,7 +604,8 @@ async fn start_service(
         env: svc.env.clone(),
         stop_grace: svc.stop_grace,
     };
-    let child = match Child::spawn_recorded(pspec, logs, Some(state_dir)) {
+    let child = match Child::spawn_recorded(pspec, LogOutput::new(logs, env_name), Some(state_dir))
+    {
         Ok(c) => Arc::new(c),
         Err(e) => {
             let msg = format!("service {} failed to start: {e}", svc.name);

@@ -16,6 +16,52 @@ use tonic::{Request, Response, Status};
 
 use super::Shared;
 use crate::eventlog::{Filter, Followed};
+use crate::spec;
+
+/// The longest `origin` and `base_dir` an `Up` may name (Linux's `PATH_MAX`).
+const MAX_PATH_BYTES: usize = 4096;
+/// The longest edge pattern: `SOURCE/EGRESS`, two names and a slash.
+const MAX_EDGE_LEN: usize = 2 * spec::MAX_NAME_LEN + 1;
+
+/// A name field of a request, refused (InvalidArgument naming `field`) before it reaches the
+/// registry when it is longer than any name a spec can declare.
+fn name_field(field: &str, kind: &str, v: &str) -> Result<(), Status> {
+    spec::check_name_len(kind, v).map_err(|m| Status::invalid_argument(format!("{field}: {m}")))
+}
+
+fn selector_fields(sel: &pb::EdgeSelector) -> Result<(), Status> {
+    name_field("selector.env", "environment", &sel.env)?;
+    name_field("selector.to", "service", &sel.to)?;
+    for (i, e) in sel.edges.iter().enumerate() {
+        if e.len() > MAX_EDGE_LEN {
+            return Err(Status::invalid_argument(format!(
+                "selector.edges[{i}]: edge {} is {} bytes long: at most {MAX_EDGE_LEN}",
+                spec::preview(e),
+                e.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn up_fields(req: &pb::UpRequest) -> Result<(), Status> {
+    if req.spec.len() as u64 > spec::MAX_SPEC_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "spec: {} bytes, over rig's limit of {} bytes (1 MiB)",
+            req.spec.len(),
+            spec::MAX_SPEC_BYTES
+        )));
+    }
+    for (field, v) in [("origin", &req.origin), ("base_dir", &req.base_dir)] {
+        if v.len() > MAX_PATH_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "{field}: {} bytes long: at most {MAX_PATH_BYTES}",
+                v.len()
+            )));
+        }
+    }
+    Ok(())
+}
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -31,6 +77,7 @@ impl Environments for Api {
 
     async fn up(&self, req: Request<pb::UpRequest>) -> Result<Response<Self::UpStream>, Status> {
         let req = req.into_inner();
+        up_fields(&req)?;
         let (tx, rx) = mpsc::channel(64);
         let shared = self.shared.clone();
         // The environment is brought up in its own task: a client that goes away mid-way does
@@ -48,6 +95,7 @@ impl Environments for Api {
         &self,
         req: Request<pb::DownRequest>,
     ) -> Result<Response<pb::DownResponse>, Status> {
+        name_field("env", "environment", &req.get_ref().env)?;
         let (env, stopped) = self
             .shared
             .envs
@@ -75,13 +123,16 @@ impl Environments for Api {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::EnvironmentStatus>, Status> {
+        name_field("env", "environment", &req.get_ref().env)?;
         let env = self.shared.envs.get(&req.get_ref().env).await?;
         Ok(Response::new(env.status()))
     }
 }
 
-fn selector(s: Option<pb::EdgeSelector>) -> pb::EdgeSelector {
-    s.unwrap_or_default()
+fn selector(s: Option<pb::EdgeSelector>) -> Result<pb::EdgeSelector, Status> {
+    let sel = s.unwrap_or_default();
+    selector_fields(&sel)?;
+    Ok(sel)
 }
 
 #[tonic::async_trait]
@@ -91,7 +142,7 @@ impl Chaos for Api {
         req: Request<pb::SetChaosRequest>,
     ) -> Result<Response<pb::ChaosResponse>, Status> {
         let req = req.into_inner();
-        let sel = selector(req.selector);
+        let sel = selector(req.selector)?;
         let spec = crate::convert::chaos_from_pb(req.chaos.unwrap_or_default())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if spec.is_empty() {
@@ -108,7 +159,7 @@ impl Chaos for Api {
         &self,
         req: Request<pb::GetChaosRequest>,
     ) -> Result<Response<pb::ChaosResponse>, Status> {
-        let sel = selector(req.into_inner().selector);
+        let sel = selector(req.into_inner().selector)?;
         let env = self.shared.envs.get(&sel.env).await?;
         Ok(Response::new(pb::ChaosResponse {
             edges: env.get_chaos(&sel)?,
@@ -119,7 +170,7 @@ impl Chaos for Api {
         &self,
         req: Request<pb::ClearChaosRequest>,
     ) -> Result<Response<pb::ChaosResponse>, Status> {
-        let sel = selector(req.into_inner().selector);
+        let sel = selector(req.into_inner().selector)?;
         let env = self.shared.envs.get(&sel.env).await?;
         let edges = env.set_chaos(&self.shared, &sel, "clear", |_| ChaosSpec::default())?;
         Ok(Response::new(pb::ChaosResponse { edges }))
@@ -150,7 +201,15 @@ impl Chaos for Api {
         req: Request<pb::ApplyPresetRequest>,
     ) -> Result<Response<pb::ChaosResponse>, Status> {
         let req = req.into_inner();
-        let sel = selector(req.selector);
+        let sel = selector(req.selector)?;
+        // Preset names come from file names: at most NAME_MAX.
+        if req.preset.len() > 255 {
+            return Err(Status::invalid_argument(format!(
+                "preset: preset name {} is {} bytes long: at most 255",
+                spec::preview(&req.preset),
+                req.preset.len()
+            )));
+        }
         let preset = self
             .shared
             .presets
@@ -186,6 +245,15 @@ impl Events for Api {
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let req = req.into_inner();
+        name_field("env", "environment", &req.env)?;
+        name_field("service", "service", &req.service)?;
+        if req.edge.len() > MAX_EDGE_LEN {
+            return Err(Status::invalid_argument(format!(
+                "edge: {} is {} bytes long: at most {MAX_EDGE_LEN}",
+                spec::preview(&req.edge),
+                req.edge.len()
+            )));
+        }
         let filter = Filter {
             types: req.types,
             env: req.env,

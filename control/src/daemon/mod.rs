@@ -189,6 +189,10 @@ fn describe_control_metrics() {
         "Events dropped from the log's replay to keep it under its byte budget"
     );
     describe_counter!(
+        "rig_service_log_lines_dropped_total",
+        "Service output lines rigd dropped: over the per-service rate (reason=rate) or with the log queue full (reason=queue_full)"
+    );
+    describe_counter!(
         "rig_service_exits_total",
         "Services that exited while their environment was up"
     );

@@ -1,17 +1,21 @@
 //! Turning a child's stdout/stderr pipes into [`LogLine`]s.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, PoisonError};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use metrics::Counter;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::error::TrySendError;
 use tracing::debug;
 
-use super::{LogLine, MAX_LINE_BYTES, Stream};
+use super::{LogLine, LogOutput, MAX_LINE_BYTES, Stream};
 
 /// Marks a line that was cut at [`MAX_LINE_BYTES`].
 const CUT_MARK: &str = "…";
+/// The counter of dropped lines, by `env`, `service` and `reason` (`rate`, `queue_full`).
+pub(crate) const DROPPED_METRIC: &str = "rig_service_log_lines_dropped_total";
 
 /// The last lines of both streams of one child (a ring buffer: the oldest
 /// line goes when a new one comes and the buffer is full).
@@ -43,37 +47,124 @@ impl RecentLogs {
     }
 }
 
+/// What both output pumps of one child share.
+pub(crate) struct Outlet {
+    service: String,
+    out: LogOutput,
+    recent: Arc<RecentLogs>,
+    /// One per service: stdout and stderr draw from the same budget.
+    limiter: DefaultDirectRateLimiter,
+    dropped_rate: Counter,
+    dropped_queue_full: Counter,
+}
+
+impl Outlet {
+    pub(crate) fn new(service: &str, out: LogOutput, recent: Arc<RecentLogs>) -> Outlet {
+        let quota = Quota::per_second(out.limits.lines_per_sec).allow_burst(out.limits.burst);
+        let counter = |reason: &'static str| metrics::counter!(DROPPED_METRIC, "env" => out.env.clone(), "service" => service.to_owned(), "reason" => reason);
+        Outlet {
+            service: service.to_owned(),
+            dropped_rate: counter("rate"),
+            dropped_queue_full: counter("queue_full"),
+            limiter: RateLimiter::direct(quota),
+            out,
+            recent,
+        }
+    }
+}
+
+/// Lines of one stream dropped since its last notice.
+struct Dropped {
+    rate: u64,
+    queue_full: u64,
+    last_notice: Instant,
+}
+
 /// Where the lines of one stream go.
-pub(crate) struct LineSink<'a> {
-    pub service: &'a str,
-    pub stream: Stream,
-    pub out: &'a UnboundedSender<LogLine>,
-    pub recent: &'a RecentLogs,
+struct LineSink<'a> {
+    outlet: &'a Outlet,
+    stream: Stream,
+    dropped: Dropped,
 }
 
 impl LineSink<'_> {
-    fn emit(&self, bytes: &[u8], cut: bool) {
+    fn emit(&mut self, bytes: &[u8], cut: bool) {
+        // Checked first: a line over the rate costs no allocation.
+        if self.outlet.limiter.check().is_err() {
+            self.dropped.rate += 1;
+            self.outlet.dropped_rate.increment(1);
+            return;
+        }
+        if self.dropped.rate + self.dropped.queue_full > 0
+            && self.dropped.last_notice.elapsed() >= self.outlet.out.limits.notice_interval
+        {
+            self.notice();
+        }
         let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
         let mut line = String::from_utf8_lossy(bytes).into_owned();
         if cut {
             line.push_str(CUT_MARK);
         }
+        self.send(line);
+    }
+
+    /// Says how many lines were dropped since the last notice (this one passes the rate limit;
+    /// if the queue is full it is lost, as the counter still has the count).
+    fn notice(&mut self) {
+        let Dropped {
+            rate, queue_full, ..
+        } = self.dropped;
+        self.dropped = Dropped {
+            rate: 0,
+            queue_full: 0,
+            last_notice: Instant::now(),
+        };
+        self.send(format!(
+            "[rig] {} lines of {} dropped (rate: {rate}, queue_full: {queue_full})",
+            rate + queue_full,
+            self.stream
+        ));
+    }
+
+    fn send(&mut self, line: String) {
         let line = LogLine {
-            service: self.service.to_owned(),
+            service: self.outlet.service.clone(),
             stream: self.stream,
             line,
             time: SystemTime::now(),
         };
-        self.recent.push(line.clone());
-        // Nobody listening is fine: the ring buffer still has the tail.
-        let _ = self.out.send(line);
+        self.outlet.recent.push(line.clone());
+        match self.outlet.out.tx.try_send(line) {
+            // Nobody listening is fine: the ring buffer still has the tail.
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.queue_full += 1;
+                self.outlet.dropped_queue_full.increment(1);
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.dropped.rate + self.dropped.queue_full > 0 {
+            self.notice();
+        }
     }
 }
 
 /// Reads `reader` to its end, line by line, into `sink`. Lines longer than
 /// [`MAX_LINE_BYTES`] are cut there (and the rest up to the newline dropped),
 /// so a child writing without newlines cannot make rigd buffer without bound.
-pub(crate) async fn pump(reader: impl AsyncRead + Unpin, sink: LineSink<'_>) {
+/// The pipe is drained whatever happens to the lines (rate limit, full queue).
+pub(crate) async fn pump(reader: impl AsyncRead + Unpin, outlet: &Outlet, stream: Stream) {
+    let mut sink = LineSink {
+        outlet,
+        stream,
+        dropped: Dropped {
+            rate: 0,
+            queue_full: 0,
+            last_notice: Instant::now(),
+        },
+    };
     let mut reader = BufReader::with_capacity(8 * 1024, reader);
     let mut line: Vec<u8> = Vec::new();
     // True while skipping the rest of a line that was already cut.
@@ -82,7 +173,7 @@ pub(crate) async fn pump(reader: impl AsyncRead + Unpin, sink: LineSink<'_>) {
         let buf = match reader.fill_buf().await {
             Ok(buf) => buf,
             Err(e) => {
-                debug!(service = %sink.service, stream = %sink.stream, error = %e, "cannot read child output");
+                debug!(service = %outlet.service, %stream, error = %e, "cannot read child output");
                 break;
             }
         };
@@ -116,6 +207,7 @@ pub(crate) async fn pump(reader: impl AsyncRead + Unpin, sink: LineSink<'_>) {
     if !line.is_empty() {
         sink.emit(&line, false);
     }
+    sink.finish();
 }
 
 #[cfg(test)]
@@ -123,26 +215,82 @@ mod tests {
     use super::*;
     use tokio::sync::mpsc;
 
-    async fn lines_of(input: &[u8]) -> Vec<String> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let recent = RecentLogs::new(3);
-        let sink = LineSink {
-            service: "svc",
-            stream: Stream::Stderr,
-            out: &tx,
-            recent: &recent,
+    use crate::supervisor::LogLimits;
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    /// Pumps `input` through an outlet with `limits`, a channel of `queue` lines and a ring of
+    /// `ring` lines; returns what the channel got and what the ring kept.
+    async fn run(
+        input: &[u8],
+        limits: LogLimits,
+        queue: usize,
+        ring: usize,
+    ) -> (Vec<String>, Vec<String>) {
+        let (tx, mut rx) = mpsc::channel(queue);
+        let recent = Arc::new(RecentLogs::new(ring));
+        let out = LogOutput {
+            tx,
+            env: "e".into(),
+            limits,
         };
-        pump(input, sink).await;
-        drop(tx);
-        let mut out = Vec::new();
+        let outlet = Outlet::new("svc", out, recent.clone());
+        pump(input, &outlet, Stream::Stderr).await;
+        drop(outlet);
+        let mut got = Vec::new();
         while let Some(line) = rx.recv().await {
             assert_eq!(line.service, "svc");
             assert_eq!(line.stream, Stream::Stderr);
-            out.push(line.line);
+            got.push(line.line);
         }
-        let tail: Vec<String> = recent.snapshot().into_iter().map(|l| l.line).collect();
+        let tail = recent.snapshot().into_iter().map(|l| l.line).collect();
+        (got, tail)
+    }
+
+    fn limits(lines_per_sec: u32, burst: u32) -> LogLimits {
+        LogLimits {
+            lines_per_sec: NonZeroU32::new(lines_per_sec).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+            notice_interval: Duration::from_secs(3600),
+        }
+    }
+
+    async fn lines_of(input: &[u8]) -> Vec<String> {
+        let (out, tail) = run(input, LogLimits::default(), 1024, 3).await;
         assert_eq!(tail, out[out.len().saturating_sub(3)..]);
         out
+    }
+
+    fn numbered(n: usize) -> Vec<u8> {
+        (0..n).flat_map(|i| format!("{i}\n").into_bytes()).collect()
+    }
+
+    #[tokio::test]
+    async fn lines_over_the_rate_are_dropped_and_counted_in_one_notice() {
+        // A burst of 5, then one line a second: pumping 100 lines takes far less than that.
+        let (got, tail) = run(&numbered(100), limits(1, 5), 1024, 1000).await;
+        let passed = got.len() - 1;
+        assert!((5..10).contains(&passed), "{got:?}");
+        let first: Vec<String> = (0..passed).map(|i| i.to_string()).collect();
+        assert_eq!(got[..passed], first);
+        let dropped = 100 - passed;
+        assert_eq!(
+            got[passed],
+            format!("[rig] {dropped} lines of stderr dropped (rate: {dropped}, queue_full: 0)")
+        );
+        assert_eq!(tail, got, "dropped lines are not kept in the ring either");
+    }
+
+    #[tokio::test]
+    async fn lines_that_find_the_queue_full_are_dropped_and_counted() {
+        // Nobody reads while the pump runs: 3 lines fit, 7 do not, nor does the notice.
+        let (got, tail) = run(&numbered(10), LogLimits::default(), 3, 100).await;
+        assert_eq!(got, ["0", "1", "2"]);
+        assert_eq!(tail.len(), 11, "the ring keeps them all: {tail:?}");
+        assert_eq!(
+            tail[10],
+            "[rig] 7 lines of stderr dropped (rate: 0, queue_full: 7)"
+        );
     }
 
     #[tokio::test]
