@@ -10,10 +10,8 @@ mod demo;
 pub mod render;
 mod up;
 
-use std::fmt;
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use anyhow::anyhow;
@@ -22,6 +20,7 @@ use rig_proto::v1 as pb;
 use serde_json::Value;
 
 use crate::client::{Client, DaemonAddr};
+use crate::secret::Secret;
 
 pub use chaos::{
     ChaosSetArgs, EdgeArgs, has_fault, parse_header, read_chaos_file, set_chaos_request,
@@ -29,30 +28,6 @@ pub use chaos::{
 pub use demo::{DemoArgs, demo, find_demo_spec};
 pub use render::*;
 pub use up::{UpArgs, state_dir, up_request};
-
-/// A secret from the command line or the environment: never shown by `Debug`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
-
-impl Token {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
-
-impl FromStr for Token {
-    type Err = std::convert::Infallible;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Token(s.to_string()))
-    }
-}
 
 /// rigctl: proxy the traffic between local services and inject chaos per edge.
 #[derive(Parser, Debug)]
@@ -70,9 +45,14 @@ pub struct GlobalArgs {
     /// Where rigd listens: host:port or http://host:port
     #[arg(long, env = "RIG_ADDR", default_value = crate::client::DEFAULT_ADDR, global = true)]
     pub addr: DaemonAddr,
-    /// Bearer token for rigd
+    /// Bearer token for rigd (visible to other local users in the process list: prefer
+    /// RIG_TOKEN or --token-file)
     #[arg(long, env = "RIG_TOKEN", hide_env_values = true, global = true)]
-    pub token: Option<Token>,
+    pub token: Option<Secret>,
+    /// Read the token from the first line of FILE, which only its owner may read (mode 0600)
+    #[arg(long, env = "RIG_TOKEN_FILE", value_name = "FILE", global = true,
+          conflicts_with = "token", value_parser = crate::secret::parse_token_file)]
+    pub token_file: Option<Secret>,
     /// Which environment, when several run. Read from RIGCTL_ENV, not RIG_ENV: rig sets RIG_ENV
     /// in every service it starts, so a rigctl run by a service would inherit it.
     #[arg(long = "env", env = "RIGCTL_ENV", value_name = "NAME", global = true)]
@@ -85,9 +65,10 @@ pub struct GlobalArgs {
 impl GlobalArgs {
     /// The token, if one is set and not empty (an empty RIG_TOKEN means none).
     pub fn token(&self) -> Option<&str> {
-        self.token
+        self.token_file
             .as_ref()
-            .map(Token::expose)
+            .or(self.token.as_ref())
+            .map(Secret::expose)
             .filter(|t| !t.is_empty())
     }
 

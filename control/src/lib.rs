@@ -11,5 +11,6 @@ pub mod eventlog;
 pub mod events;
 pub mod presets;
 pub mod registry;
+pub mod secret;
 pub mod spec;
 pub mod supervisor;

@@ -50,7 +50,8 @@
 //! in one service are rejected. A `${VAR}` that is none of these, not a key of the service's
 //! `env` and not set in the validating process's environment is rejected only when it looks like
 //! one of rig's own (`HOST`, `PORT`, `RIG_*`, `*_HOST`, `*_PORT`, `*_ADDR`, `*_URL`): anything
-//! else may come from the environment rigd runs in.
+//! else may come from the environment rigd runs in. In an `env` value, a reference to that
+//! same key (`TOKEN = "${TOKEN}"`) is rigd's variable, as in Compose.
 
 mod raw;
 mod source;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rig_control::daemon::{self, DaemonConfig};
+use rig_control::secret::{self, Secret};
 
 /// rigd serves the rig.v1 gRPC API, /metrics, /healthz and /events on one address.
 #[derive(Debug, Parser)]
@@ -13,9 +14,14 @@ struct Args {
     /// Address to listen on (gRPC and HTTP). A non-loopback address requires a token.
     #[arg(long, env = "RIG_ADDR", default_value = daemon::DEFAULT_ADDR)]
     listen: String,
-    /// Require `authorization: Bearer TOKEN` on every call.
+    /// Require `authorization: Bearer TOKEN` on every call. Visible to other local users in
+    /// the process list: prefer RIG_TOKEN or --token-file.
     #[arg(long, env = "RIG_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    token: Option<Secret>,
+    /// Read the token from the first line of FILE, which only its owner may read (mode 0600).
+    #[arg(long, env = "RIG_TOKEN_FILE", value_name = "FILE", conflicts_with = "token",
+          value_parser = secret::parse_token_file)]
+    token_file: Option<Secret>,
     /// Where rigd records its child processes (default: $XDG_RUNTIME_DIR/rig or /tmp/rig-$UID).
     #[arg(long, env = "RIG_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -45,9 +51,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let token = secret::resolve(args.token.as_ref(), args.token_file.as_ref());
     let cfg = DaemonConfig {
         listen,
-        token: args.token.filter(|t| !t.is_empty()),
+        token,
         state_dir: args.state_dir.unwrap_or_else(daemon::default_state_dir),
         presets_dir: args.presets_dir,
         events_retained: args.events_retained,

@@ -17,6 +17,7 @@ use super::{
     render_progress, render_status, rpc, status_json, use_colour,
 };
 use crate::client::{Client, ClientError, DaemonAddr};
+use crate::secret::Secret;
 
 /// How long a freshly started background rigd gets to answer.
 const DETACHED_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,7 +108,7 @@ async fn start_embedded(
 ) -> anyhow::Result<(EmbeddedDaemon, SocketAddr)> {
     let cfg = crate::daemon::DaemonConfig {
         listen,
-        token: token.map(str::to_string),
+        token: token.and_then(Secret::non_empty),
         state_dir: state_dir(),
         ..crate::daemon::DaemonConfig::local_default()
     };

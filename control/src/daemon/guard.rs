@@ -91,8 +91,8 @@ fn check(g: &Guard, req: &Request) -> Result<(), (StatusCode, &'static str)> {
 fn token_ok(g: &Guard, req: &Request) -> bool {
     g.shared
         .token
-        .as_deref()
-        .is_some_and(|token| super::http::bearer_matches(req.headers(), token))
+        .as_ref()
+        .is_some_and(|token| super::http::bearer_matches(req.headers(), token.expose()))
 }
 
 /// Split `host[:port]` / `[v6][:port]` into the host part.

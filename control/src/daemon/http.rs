@@ -62,7 +62,7 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
     let Some(token) = &shared.token else {
         return next.run(req).await;
     };
-    if bearer_matches(req.headers(), token) {
+    if bearer_matches(req.headers(), token.expose()) {
         return next.run(req).await;
     }
     let is_grpc = req

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::eventlog::EventLog;
 use crate::presets::{self, Preset};
+use crate::secret::Secret;
 
 /// The default address rigd listens on and rigctl calls.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7447";
@@ -33,7 +34,7 @@ pub struct DaemonConfig {
     /// Where to serve gRPC and HTTP. Non-loopback addresses need a token.
     pub listen: SocketAddr,
     /// When set, every call must carry `authorization: Bearer <token>`.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Where rigd keeps its records of child processes (for the orphan sweep) and its log.
     pub state_dir: PathBuf,
     /// Extra presets (`*.toml`) beside the built-in ones; a file named like a built-in wins.
@@ -55,7 +56,7 @@ impl DaemonConfig {
             .unwrap_or_else(|| DEFAULT_ADDR.parse().expect("valid default address"));
         DaemonConfig {
             listen,
-            token: std::env::var("RIG_TOKEN").ok().filter(|t| !t.is_empty()),
+            token: std::env::var("RIG_TOKEN").ok().and_then(Secret::non_empty),
             state_dir: default_state_dir(),
             presets_dir: None,
             events_retained: DEFAULT_EVENTS_RETAINED,
@@ -112,7 +113,7 @@ pub struct Shared {
     pub proxy_events: EventSender,
     pub presets: Vec<Preset>,
     pub prometheus: PrometheusHandle,
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     pub state_dir: PathBuf,
     pub shutdown: CancellationToken,
 }

@@ -74,8 +74,15 @@ pub fn service_env(
         serde_json::json!({"env": spec.name, "service": svc.name, "ingresses": ingresses, "egresses": egresses})
             .to_string(),
     );
-    let lookup = |k: &str| env.get(k).cloned().or_else(|| lookup(k));
-    let expanded = |what: &str, v: &str| {
+    // A variable refers to the service's own variables first, then to rigd's environment; in
+    // its own value (`RIG_TOKEN = "${RIG_TOKEN}"`, as in Compose) it means rigd's variable.
+    let expanded = |what: &str, v: &str, own: &str| {
+        let lookup = |k: &str| {
+            if k == own {
+                return lookup(k);
+            }
+            env.get(k).cloned().or_else(|| lookup(k))
+        };
         spec::expand_vars(v, lookup).map_err(|message| WiringError::Expand {
             service: svc.name.clone(),
             what: what.to_string(),
@@ -84,12 +91,20 @@ pub fn service_env(
     };
     let mut expanded_env = BTreeMap::new();
     for (k, v) in &env {
-        expanded_env.insert(k.clone(), expanded(&format!("env {k}"), v)?);
+        expanded_env.insert(k.clone(), expanded(&format!("env {k}"), v, k)?);
     }
+    // The command sees the expanded variables.
     let command = svc
         .command
         .iter()
-        .map(|a| expanded("command", a))
+        .map(|a| {
+            let lookup = |k: &str| expanded_env.get(k).cloned().or_else(|| lookup(k));
+            spec::expand_vars(a, lookup).map_err(|message| WiringError::Expand {
+                service: svc.name.clone(),
+                what: "command".to_string(),
+                message,
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ServiceLaunch {
         env: expanded_env,
@@ -271,6 +286,37 @@ observe = false
         );
         assert_eq!(store.env["GREETING"], "hi store from rigd");
         assert_eq!(launch("web").command, ["web", "http://127.0.0.1:9000"]);
+    }
+
+    #[test]
+    fn a_variable_named_in_its_own_value_is_rigds() {
+        let src = r#"
+name = "pass"
+[services.app]
+command = ["app", "${RIG_TOKEN}"]
+env = { RIG_TOKEN = "${RIG_TOKEN}", WRAPPED = "<${WRAPPED}>" }
+"#;
+        let spec = spec::parse(src, spec::Format::Toml, "pass.toml").expect("spec parses");
+        let outer = |k: &str| match k {
+            "RIG_TOKEN" => Some("from-rigd".to_string()),
+            "WRAPPED" => Some("w".to_string()),
+            _ => None,
+        };
+        let l = service_env(
+            &spec,
+            &spec.services["app"],
+            &Addresses::default(),
+            Path::new("/"),
+            outer,
+        )
+        .expect("wires");
+        assert_eq!(l.env["RIG_TOKEN"], "from-rigd");
+        assert_eq!(l.env["WRAPPED"], "<w>");
+        assert_eq!(
+            l.command,
+            ["app", "from-rigd"],
+            "the command sees the expanded value"
+        );
     }
 
     #[test]

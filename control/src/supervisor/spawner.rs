@@ -1,6 +1,7 @@
 //! Building the child's command (program lookup, environment, process group,
 //! death signal) and forking it from one long-lived thread.
 
+use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -50,6 +51,9 @@ pub(crate) fn prepare(spec: &ProcessSpec) -> Result<(Command, PathBuf), SpawnErr
     let program = resolve_program(&service, argv0, spec.cwd.as_deref(), &path)?;
 
     let mut cmd = Command::new(&program);
+    for key in own_config_vars(env::vars_os().map(|(k, _)| k), &spec.env) {
+        cmd.env_remove(key);
+    }
     cmd.arg0(argv0)
         .args(&spec.argv[1..])
         .envs(&spec.env)
@@ -64,6 +68,24 @@ pub(crate) fn prepare(spec: &ProcessSpec) -> Result<(Command, PathBuf), SpawnErr
     }
     die_with_parent(&mut cmd);
     Ok((cmd, program))
+}
+
+/// Prefixes of the variables that configure rig itself (`RIG_TOKEN`, `RIG_ADDR`,
+/// `RIG_STATE_DIR`, `RIGCTL_ENV`, ...).
+const OWN_CONFIG_PREFIXES: [&str; 2] = ["RIG_", "RIGCTL_"];
+
+/// The variables of rigd's own environment that a child must not inherit: rig's own
+/// configuration, the token above all, unless the spec sets the variable itself (then the
+/// spec's value replaces it). The `RIG_*` variables rig injects (`RIG_ENV`, the edges'
+/// addresses) are in `spec_env`, so they pass.
+fn own_config_vars<'a>(
+    inherited: impl Iterator<Item = OsString> + 'a,
+    spec_env: &'a BTreeMap<String, String>,
+) -> impl Iterator<Item = OsString> + 'a {
+    inherited.filter(move |key| {
+        let Some(k) = key.to_str() else { return false };
+        OWN_CONFIG_PREFIXES.iter().any(|p| k.starts_with(p)) && !spec_env.contains_key(k)
+    })
 }
 
 /// The child's PATH: the directory of rigd's own executable (so that binaries
@@ -236,6 +258,25 @@ fn spawner_loop(jobs: mpsc::Receiver<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rigs_own_variables_are_not_inherited_unless_the_spec_sets_them() {
+        let inherited = [
+            "RIG_TOKEN",
+            "RIG_ADDR",
+            "RIGCTL_ENV",
+            "HOME",
+            "RIG_ENV",
+            "RIGX",
+        ]
+        .map(OsString::from);
+        let spec_env = BTreeMap::from([("RIG_ENV".to_string(), "shop".to_string())]);
+        let removed: Vec<OsString> = own_config_vars(inherited.into_iter(), &spec_env).collect();
+        assert_eq!(
+            removed,
+            ["RIG_TOKEN", "RIG_ADDR", "RIGCTL_ENV"].map(OsString::from)
+        );
+    }
 
     #[test]
     fn exe_dir_comes_first_then_the_spec_path() {
