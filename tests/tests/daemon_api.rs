@@ -347,3 +347,143 @@ async fn a_spec_error_is_invalid_argument_with_the_line() {
     assert!(err.message().contains("grcp"), "{}", err.message());
     rigd.shutdown().await;
 }
+
+/// Every name a call carries is bounded: an oversized one is InvalidArgument naming the field,
+/// quoting only a preview of the value, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_names_in_every_call_are_refused_naming_the_field() {
+    let state = TempDir::new("api-names");
+    let d = start(&state).await;
+    let addr = d.local_addr();
+    let url = format!("http://{addr}");
+    let long = "n".repeat(100_000);
+    let mut envs = pb::environments_client::EnvironmentsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let mut chaos = pb::chaos_client::ChaosClient::connect(url.clone())
+        .await
+        .unwrap();
+    let mut events = pb::events_client::EventsClient::connect(url).await.unwrap();
+    let sel = |f: &dyn Fn(&mut pb::EdgeSelector)| {
+        let mut s = pb::EdgeSelector::default();
+        f(&mut s);
+        Some(s)
+    };
+    let cases: Vec<(&str, tonic::Status)> = vec![
+        (
+            "env",
+            envs.down(pb::DownRequest { env: long.clone() })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "env",
+            envs.status(pb::StatusRequest { env: long.clone() })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "selector.env",
+            chaos
+                .set(pb::SetChaosRequest {
+                    selector: sel(&|s| s.env = long.clone()),
+                    chaos: Some(pb::ChaosSpec::default()),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "selector.to",
+            chaos
+                .get(pb::GetChaosRequest {
+                    selector: sel(&|s| s.to = long.clone()),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "selector.edges[1]",
+            chaos
+                .clear(pb::ClearChaosRequest {
+                    selector: sel(&|s| s.edges = vec!["a/b".into(), long.clone()]),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "selector.edges",
+            chaos
+                .clear(pb::ClearChaosRequest {
+                    selector: sel(&|s| s.edges = vec!["*".into(); 10_000]),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "preset",
+            chaos
+                .apply_preset(pb::ApplyPresetRequest {
+                    selector: None,
+                    preset: long.clone(),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "origin",
+            envs.up(pb::UpRequest {
+                spec: SPEC.into(),
+                format: "toml".into(),
+                origin: long.clone(),
+                base_dir: "/tmp".into(),
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "spec",
+            envs.up(pb::UpRequest {
+                spec: "#".repeat(2 << 20),
+                format: "toml".into(),
+                origin: "big.toml".into(),
+                base_dir: "/tmp".into(),
+            })
+            .await
+            .unwrap_err(),
+        ),
+    ];
+    let watch = |f: &dyn Fn(&mut pb::WatchRequest)| {
+        let mut w = pb::WatchRequest::default();
+        f(&mut w);
+        w
+    };
+    let mut cases = cases;
+    for (field, req) in [
+        ("env", watch(&|w| w.env = long.clone())),
+        ("service", watch(&|w| w.service = long.clone())),
+        ("edge", watch(&|w| w.edge = long.clone())),
+        ("types[0]", watch(&|w| w.types = vec![long.clone()])),
+        (
+            "types",
+            watch(&|w| w.types = vec!["request.".into(); 10_000]),
+        ),
+    ] {
+        cases.push((field, events.watch(req).await.unwrap_err()));
+    }
+    for (field, status) in cases {
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{field}: {status:?}"
+        );
+        let msg = status.message();
+        assert!(msg.starts_with(&format!("{field}: ")), "{field}: {msg}");
+        assert!(
+            msg.len() < 300,
+            "{field}: the message quotes the whole value"
+        );
+    }
+    let listed = envs.list(pb::ListRequest {}).await.unwrap().into_inner();
+    assert!(listed.environments.is_empty(), "nothing was started");
+    d.shutdown().await;
+}

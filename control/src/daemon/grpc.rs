@@ -22,6 +22,20 @@ use crate::spec;
 const MAX_PATH_BYTES: usize = 4096;
 /// The longest edge pattern: `SOURCE/EGRESS`, two names and a slash.
 const MAX_EDGE_LEN: usize = 2 * spec::MAX_NAME_LEN + 1;
+/// The most edge patterns one selector, or event type prefixes one `Watch`, may list: each is
+/// matched against every edge or event, so their number is bounded like their length.
+const MAX_LIST_ITEMS: usize = 256;
+/// The longest event type prefix (`request.completed` is 17 bytes).
+const MAX_TYPE_LEN: usize = 64;
+
+fn list_len(field: &str, n: usize) -> Result<(), Status> {
+    if n > MAX_LIST_ITEMS {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {n} items: at most {MAX_LIST_ITEMS}"
+        )));
+    }
+    Ok(())
+}
 
 /// A name field of a request, refused (InvalidArgument naming `field`) before it reaches the
 /// registry when it is longer than any name a spec can declare.
@@ -32,6 +46,7 @@ fn name_field(field: &str, kind: &str, v: &str) -> Result<(), Status> {
 fn selector_fields(sel: &pb::EdgeSelector) -> Result<(), Status> {
     name_field("selector.env", "environment", &sel.env)?;
     name_field("selector.to", "service", &sel.to)?;
+    list_len("selector.edges", sel.edges.len())?;
     for (i, e) in sel.edges.iter().enumerate() {
         if e.len() > MAX_EDGE_LEN {
             return Err(Status::invalid_argument(format!(
@@ -247,6 +262,16 @@ impl Events for Api {
         let req = req.into_inner();
         name_field("env", "environment", &req.env)?;
         name_field("service", "service", &req.service)?;
+        list_len("types", req.types.len())?;
+        for (i, t) in req.types.iter().enumerate() {
+            if t.len() > MAX_TYPE_LEN {
+                return Err(Status::invalid_argument(format!(
+                    "types[{i}]: event type {} is {} bytes long: at most {MAX_TYPE_LEN}",
+                    spec::preview(t),
+                    t.len()
+                )));
+            }
+        }
         if req.edge.len() > MAX_EDGE_LEN {
             return Err(Status::invalid_argument(format!(
                 "edge: {} is {} bytes long: at most {MAX_EDGE_LEN}",
