@@ -29,6 +29,10 @@ use tokio::net::TcpStream;
 /// whatever else rigd opens meanwhile (log files, a scrape).
 const FD_CONSTANT: usize = 2 * 64 + 16;
 
+/// A connection neither relayed nor refused within this counts as hung (generous: a debug rigd
+/// on a loaded 2-core machine answers in milliseconds).
+const ROUND_TRIP_WITHIN: Duration = Duration::from_secs(10);
+
 /// How many connections are being opened at once.
 const PARALLEL: usize = 64;
 
@@ -49,6 +53,7 @@ impl LimitedRigd {
             .arg(state.path())
             .env_remove("RIG_ADDR")
             .env_remove("RIG_TOKEN")
+            // RIG_TEST_RIGD_LOG=warn,rig_proxy=debug shows what the edge does.
             .env(
                 "RUST_LOG",
                 std::env::var("RIG_TEST_RIGD_LOG").unwrap_or_else(|_| "warn".into()),
@@ -208,7 +213,7 @@ async fn round_trip(addr: SocketAddr) -> Outcome {
             Err(e) => Outcome::Refused(format!("read: {e}")),
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), attempt)
+    tokio::time::timeout(ROUND_TRIP_WITHIN, attempt)
         .await
         .unwrap_or(Outcome::Hung)
 }
