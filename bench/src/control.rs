@@ -27,13 +27,18 @@ use crate::report::{Row, ms, rate};
 const CHAIN: usize = 50;
 
 /// A rigd child and a gRPC channel to it.
-struct Rigd {
-    proc: Proc,
+pub(crate) struct Rigd {
+    pub(crate) proc: Proc,
     channel: Channel,
 }
 
 impl Rigd {
-    async fn start(ctx: &Ctx, name: &str) -> Result<Rigd> {
+    pub(crate) async fn start(ctx: &Ctx, name: &str) -> Result<Rigd> {
+        Rigd::start_with(ctx, name, &[]).await
+    }
+
+    /// Start rigd with extra arguments.
+    pub(crate) async fn start_with(ctx: &Ctx, name: &str, args: &[&str]) -> Result<Rigd> {
         let bin = ctx.bin_dir.join("rigd");
         if !bin.is_file() {
             bail!(
@@ -45,6 +50,7 @@ impl Rigd {
         let spec = Spec::new(name, bin)
             .args(["--listen", "127.0.0.1:0", "--state-dir"])
             .arg(state.display().to_string())
+            .args(args.iter().copied())
             .env("RUST_LOG", "warn");
         let mut proc = Proc::spawn(spec, &ctx.work)?;
         let line = proc
@@ -67,7 +73,7 @@ impl Rigd {
     }
 
     /// `Up` a spec (JSON); returns the final status and how long the call took.
-    async fn up(
+    pub(crate) async fn up(
         &self,
         spec: &serde_json::Value,
         base: &Path,
@@ -98,14 +104,14 @@ impl Rigd {
         }
     }
 
-    async fn down(&self, env: &str) -> Result<()> {
+    pub(crate) async fn down(&self, env: &str) -> Result<()> {
         self.envs()
             .down(pb::DownRequest { env: env.into() })
             .await?;
         Ok(())
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         // SIGTERM: rigd brings every environment down before it exits.
         self.proc.stop(Duration::from_secs(20)).await;
     }

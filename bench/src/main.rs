@@ -7,6 +7,7 @@
 //! release mode and runs `all`; `bench/README.md` explains the method.
 
 mod client;
+mod conns;
 mod control;
 mod ext;
 mod helpers;
@@ -52,6 +53,8 @@ enum Cmd {
     Memory(Opts),
     /// 6. Control plane through rigd: Chaos.Set, Up of a 50-service chain, event stream.
     Control(Opts),
+    /// 7. Concurrent tcp connections through one rigd edge, and rigd's memory around them.
+    Conns(Opts),
 
     /// Run rig edges, driven by commands on stdin (internal).
     #[command(hide = true)]
@@ -130,13 +133,14 @@ fn multi_thread() -> Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "tcp throughput",
     "HTTP requests/s",
     "added latency",
     "latency accuracy",
     "memory",
     "control plane",
+    "connections",
 ];
 
 async fn section(i: usize, ctx: &Ctx) -> Result<Vec<Row>> {
@@ -146,19 +150,21 @@ async fn section(i: usize, ctx: &Ctx) -> Result<Vec<Row>> {
         2 => http::latency(ctx).await,
         3 => http::accuracy(ctx).await,
         4 => memory::run(ctx).await,
-        _ => control::run(ctx).await,
+        5 => control::run(ctx).await,
+        _ => conns::run(ctx).await,
     }
 }
 
 async fn bench(cmd: Cmd) -> Result<()> {
     let (opts, pick): (Opts, &[usize]) = match cmd {
-        Cmd::All(o) => (o, &[0, 1, 2, 3, 4, 5]),
+        Cmd::All(o) => (o, &[0, 1, 2, 3, 4, 5, 6]),
         Cmd::Tcp(o) => (o, &[0]),
         Cmd::Http(o) => (o, &[1]),
         Cmd::Latency(o) => (o, &[2]),
         Cmd::Accuracy(o) => (o, &[3]),
         Cmd::Memory(o) => (o, &[4]),
         Cmd::Control(o) => (o, &[5]),
+        Cmd::Conns(o) => (o, &[6]),
         _ => unreachable!("helper roles are dispatched in main"),
     };
     procs::raise_nofile();

@@ -1,9 +1,19 @@
 //! File-descriptor limits: raise the soft `RLIMIT_NOFILE` to the hard limit at start-up, and
 //! shed connections cleanly when the process runs out of descriptors anyway.
+//!
+//! Shedding frees a reserve descriptor so that `accept` can take the waiting connection and
+//! reset it. Descriptors are one table for the whole process, so a slot freed on one thread can
+//! be taken by another thread's `socket`/`pipe2` in between: the data plane's connection then
+//! keeps it, the reserve cannot be taken back, and with every descriptor held by live
+//! connections the accept loop could neither accept nor refuse, leaving new clients hanging in
+//! the backlog until some connection closes (seen under a low hard limit: the edge stopped
+//! answering for as long as the relayed connections stayed open). So the data plane allocates
+//! its descriptors under [`fd_gate`] (shared, one uncontended lock per connection or new pipe)
+//! and shedding runs under the exclusive side: the freed slot is the accept's.
 
 use std::fs::File;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -16,6 +26,20 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     }
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     Ok((soft, hard))
+}
+
+static FD_GATE: RwLock<()> = RwLock::new(());
+
+/// Hold while creating a descriptor for a connection (a socket, a pipe), so that it cannot take
+/// the slot a shedding accept loop has just freed. Hold it only around the system call.
+pub fn fd_gate() -> RwLockReadGuard<'static, ()> {
+    FD_GATE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by an accept loop while it frees its reserve, accepts and resets a connection and takes
+/// the reserve back; never across an await.
+pub(crate) fn fd_gate_exclusive() -> RwLockWriteGuard<'static, ()> {
+    FD_GATE.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Is `e` the process (`EMFILE`) or the system (`ENFILE`) out of file descriptors?

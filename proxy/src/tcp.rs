@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
@@ -91,25 +91,50 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
 
 /// Out of file descriptors with a connection waiting: free the reserve descriptor, accept the
 /// connection and reset it at once (the client sees a refusal, not a hang in the backlog),
-/// count it and take the reserve back. False when there was no reserve to free or the accept
-/// still failed (the caller backs off).
+/// count it and take the reserve back, all under the exclusive [`fd_gate`](crate::limits) so no
+/// other thread takes the freed slot. False when there was no reserve to free or nothing could
+/// be accepted (the caller backs off).
 pub(crate) async fn shed(listener: &TcpListener, ctx: &EdgeCtx, reserve: &mut Reserve) -> bool {
+    let _gate = crate::limits::fd_gate_exclusive();
     if !reserve.release() {
         reserve.restore();
         return false;
     }
-    let shed = match listener.accept().await {
-        Ok((stream, _)) => {
+    // One non-blocking try (no await while holding the gate): the listener is still readable,
+    // since the accept that failed with EMFILE did not clear its readiness.
+    let accepted = {
+        let accept = std::pin::pin!(listener.accept());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::future::Future::poll(accept, &mut cx) {
+            std::task::Poll::Ready(r) => r.ok(),
+            std::task::Poll::Pending => None,
+        }
+    };
+    let shed = match accepted {
+        Some((stream, _)) => {
             let _ = stream.set_zero_linger();
             drop(stream);
             ctx.metrics.refused_fd_limit();
             reserve.warn(&ctx.info.edge, "new connection");
             true
         }
-        Err(_) => false,
+        None => false,
     };
     reserve.restore();
     shed
+}
+
+/// Dial `addr` with the socket made under the [`fd_gate`](crate::limits::fd_gate).
+async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = {
+        let _gate = crate::limits::fd_gate();
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    }?;
+    socket.connect(addr).await
 }
 
 /// Errors of `accept` that concern one connection only (the next accept may well succeed).
@@ -333,7 +358,7 @@ impl Conn {
         let ctx = &self.ctx;
         let connect = tokio::select! {
             _ = ctx.shutdown.cancelled() => return (End::Shutdown, None),
-            r = TcpStream::connect(ctx.target) => r,
+            r = dial(ctx.target) => r,
         };
         let target = match connect {
             Ok(t) => t,
@@ -600,25 +625,12 @@ impl<'a> Pump<'a> {
         // The policy may have changed between accept and now.
         let now = self.rx.borrow_and_update().clone();
         self.apply(now, true)?;
-        let mut pipe: Option<Pipe> = None;
         loop {
             if self.eof && self.queue.is_empty() {
                 break;
             }
             if self.act.policy.is_passthrough() && self.queue.is_empty() && !self.no_splice {
-                if pipe.is_none() {
-                    match Pipe::new() {
-                        Ok(p) => pipe = Some(p),
-                        Err(e) => {
-                            debug!(edge = %self.conn.ctx.info.edge, conn = self.conn.id, error = %e, "no pipe for splice; copying");
-                            self.no_splice = true;
-                            continue;
-                        }
-                    }
-                }
-                if let Some(p) = &mut pipe {
-                    self.splice_phase(p).await?;
-                }
+                self.splice_phase().await?;
             } else {
                 self.copy_phase().await?;
             }
@@ -682,43 +694,79 @@ impl<'a> Pump<'a> {
     /// Relay with splice(2) while the policy stays passthrough. Returns at end of stream, or
     /// when the policy stops being passthrough (bytes still in the pipe then move to the queue
     /// and go out under the new policy).
-    async fn splice_phase(&mut self, pipe: &mut Pipe) -> Result<(), End> {
+    ///
+    /// A pipe is held only while bytes move: taken from the pool once the source is readable,
+    /// given back (drained) when a fill finds nothing more to read. A pipe dropped with an error
+    /// may hold bytes and is closed, never pooled.
+    async fn splice_phase(&mut self) -> Result<(), End> {
         let (src, dst) = (self.src, self.dst);
         let ctx = self.conn.ctx.clone();
+        let mut held: Option<Pipe> = None;
         loop {
             // Without this a fast stream would never yield: splice calls that succeed do not
             // touch tokio's cooperative budget.
             tokio::task::coop::consume_budget().await;
             self.refresh()?;
             if !self.act.policy.is_passthrough() {
+                if let Some(p) = held {
+                    splice::give(p);
+                }
                 return Ok(());
             }
+            let Some(pipe) = held.as_mut() else {
+                // Idle: wait for bytes without holding a pipe.
+                tokio::select! {
+                    biased;
+                    _ = ctx.shutdown.cancelled() => return Err(End::Shutdown),
+                    r = self.rx.changed() => {
+                        if r.is_err() {
+                            return Err(End::Shutdown);
+                        }
+                        self.sync()?;
+                        if !self.act.policy.is_passthrough() {
+                            return Ok(());
+                        }
+                    }
+                    r = src.readable() => {
+                        if let Err(e) = r {
+                            return Err(self.src_error(&e));
+                        }
+                        match splice::take() {
+                            Ok(p) => held = Some(p),
+                            Err(e) => {
+                                // Out of descriptors, most likely: this direction copies
+                                // instead, which needs none.
+                                debug!(edge = %ctx.info.edge, conn = self.conn.id, error = %e, "no pipe for splice; copying");
+                                self.no_splice = true;
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                continue;
+            };
             let n = match pipe.fill(src, pipe.cap()) {
                 Ok(0) => {
                     self.eof = true;
+                    if let Some(p) = held {
+                        splice::give(p);
+                    }
                     return Ok(());
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::select! {
-                        biased;
-                        _ = ctx.shutdown.cancelled() => return Err(End::Shutdown),
-                        r = self.rx.changed() => {
-                            if r.is_err() {
-                                return Err(End::Shutdown);
-                            }
-                            self.sync()?;
-                            if !self.act.policy.is_passthrough() {
-                                return Ok(());
-                            }
-                        }
-                        r = src.readable() => if let Err(e) = r { return Err(self.src_error(&e)) },
+                    // Drained and nothing to read: back to the pool until the next bytes.
+                    if let Some(p) = held.take() {
+                        splice::give(p);
                     }
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if splice_refused(&e) => {
                     self.give_up_splice(&e);
+                    if let Some(p) = held {
+                        splice::give(p);
+                    }
                     return Ok(());
                 }
                 Err(e) => return Err(self.src_error(&e)),
@@ -747,7 +795,7 @@ impl<'a> Pump<'a> {
                                 self.sync()?;
                                 if !self.act.policy.is_passthrough() {
                                     // Hand the bytes in flight to the copy loop.
-                                    return self.unpipe(pipe, left);
+                                    return self.unpipe(held, left);
                                 }
                             }
                             r = dst.writable() => if let Err(e) = r { return Err(self.dst_error(&e)) },
@@ -756,7 +804,7 @@ impl<'a> Pump<'a> {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if splice_refused(&e) => {
                         self.give_up_splice(&e);
-                        return self.unpipe(pipe, left);
+                        return self.unpipe(held, left);
                     }
                     Err(e) => return Err(self.dst_error(&e)),
                 }
@@ -765,11 +813,18 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// Move `left` bytes still in the pipe to the copy loop's queue.
-    fn unpipe(&mut self, pipe: &Pipe, left: usize) -> Result<(), End> {
+    /// Move `left` bytes still in the pipe to the copy loop's queue; the emptied pipe goes back
+    /// to the pool.
+    fn unpipe(&mut self, held: Option<Pipe>, left: usize) -> Result<(), End> {
+        let Some(pipe) = held else {
+            return Ok(());
+        };
         let data = pipe
             .take(left)
             .map_err(|e| End::Reset(format!("pipe: {}", describe(&e))))?;
+        if data.len() == left {
+            splice::give(pipe);
+        }
         self.queued += data.len();
         self.queue.push_back(Chunk {
             data: Bytes::from(data),
