@@ -286,21 +286,45 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
     })
 }
 
+/// How often rigd hands the memory it has freed back to the system ([`return_freed_memory`]).
+const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Histograms accumulate samples until a scrape drains them; drain them on a timer too, so a
-/// rigd nobody scrapes does not grow.
+/// rigd nobody scrapes does not grow. On the same timer, memory freed after a burst (of
+/// connections, of events) goes back to the system.
 fn spawn_metrics_upkeep(shared: &Arc<Shared>) {
     let handle = shared.prometheus.clone();
     let stop = shared.shutdown.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut trim = tokio::time::interval(MEMORY_TRIM_INTERVAL);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => handle.run_upkeep(),
+                _ = trim.tick() => {
+                    let _ = tokio::task::spawn_blocking(return_freed_memory).await;
+                }
             }
         }
     });
 }
+
+/// glibc's allocator keeps the pages a burst of connections freed, for reuse, so rigd's RSS
+/// stayed at its peak after the burst (measured: 14 MiB idle, 65 MiB with 10,000 connections
+/// open, still 65 MiB after they closed). `malloc_trim(0)` returns the free pages at the top of
+/// every arena; it costs well under a millisecond on an idle heap.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn return_freed_memory() {
+    // SAFETY: malloc_trim takes no pointers and is thread-safe (it locks each arena).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_freed_memory() {}
 
 /// The `rigd` binary's body: start, wait for SIGINT or SIGTERM, bring everything down.
 pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
