@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod eventlog;
 pub mod events;
 pub mod presets;
+pub mod probe;
 pub mod registry;
 pub mod secret;
 pub mod spec;

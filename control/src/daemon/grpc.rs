@@ -15,8 +15,120 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Shared;
-use crate::eventlog::{Filter, Followed};
+use crate::eventlog::{Filter, Followed, unix_secs};
+use crate::registry::view::{EdgeChaos, EnvView, Selector, SpecSource, UpStep};
+use crate::registry::{ErrorKind, RegistryError};
 use crate::spec;
+
+/// A registry error as a gRPC status: the code from its kind, the message as it is.
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Status {
+        let code = match e.kind() {
+            ErrorKind::Invalid => tonic::Code::InvalidArgument,
+            ErrorKind::NotFound => tonic::Code::NotFound,
+            ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
+            ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+            ErrorKind::Internal => tonic::Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+fn spec_source(req: pb::UpRequest) -> Result<SpecSource, Status> {
+    let format = match req.format.as_str() {
+        "toml" | "" => spec::Format::Toml,
+        "json" => spec::Format::Json,
+        other => return Err(RegistryError::UnknownFormat(other.to_string()).into()),
+    };
+    let origin = if req.origin.is_empty() {
+        "spec".to_string()
+    } else {
+        req.origin
+    };
+    let base_dir = if req.base_dir.is_empty() {
+        std::env::current_dir().unwrap_or_else(|_| ".".into())
+    } else {
+        req.base_dir.into()
+    };
+    Ok(SpecSource {
+        text: req.spec,
+        format,
+        origin,
+        base_dir,
+    })
+}
+
+fn step_pb(s: UpStep) -> pb::UpProgress {
+    pb::UpProgress {
+        env: s.env,
+        service: s.service,
+        state: s.state.to_string(),
+        message: s.message,
+        last_logs: s.last_logs,
+        environment: s.environment.as_ref().map(env_pb),
+    }
+}
+
+pub(crate) fn env_pb(v: &EnvView) -> pb::EnvironmentStatus {
+    pb::EnvironmentStatus {
+        name: v.name.clone(),
+        state: v.state.to_string(),
+        origin: v.origin.clone(),
+        started_at: unix_secs(v.started_at),
+        services: v
+            .services
+            .iter()
+            .map(|s| pb::ServiceStatus {
+                name: s.name.clone(),
+                state: s.state.to_string(),
+                pid: s.pid.unwrap_or(0),
+                ingresses: s
+                    .ingresses
+                    .iter()
+                    .map(|i| pb::IngressStatus {
+                        name: i.name.clone(),
+                        protocol: i.protocol.to_string(),
+                        address: i.address.to_string(),
+                    })
+                    .collect(),
+                exit: s.exit.clone().unwrap_or_default(),
+                command: s.command.clone(),
+            })
+            .collect(),
+        edges: v
+            .edges
+            .iter()
+            .map(|e| pb::EdgeStatus {
+                edge: e.edge.clone(),
+                source: e.source.clone(),
+                egress: e.egress.clone(),
+                target: e.target.clone(),
+                ingress: e.ingress.clone(),
+                protocol: e.protocol.to_string(),
+                proxy_address: e.wired_address.to_string(),
+                target_address: e.target_address.to_string(),
+                observed: e.observed,
+                chaos_version: e.chaos.version,
+                chaos: Some(crate::convert::chaos_to_pb(&e.chaos.spec)),
+            })
+            .collect(),
+    }
+}
+
+fn chaos_pb(edges: Vec<EdgeChaos>) -> pb::ChaosResponse {
+    pb::ChaosResponse {
+        edges: edges
+            .iter()
+            .map(|c| pb::EdgeChaos {
+                env: c.env.clone(),
+                edge: c.edge.clone(),
+                protocol: c.protocol.to_string(),
+                version: c.version,
+                chaos: Some(crate::convert::chaos_to_pb(&c.spec)),
+            })
+            .collect(),
+    }
+}
 
 /// The longest `origin` and `base_dir` an `Up` may name (Linux's `PATH_MAX`).
 const MAX_PATH_BYTES: usize = 4096;
@@ -93,13 +205,23 @@ impl Environments for Api {
     async fn up(&self, req: Request<pb::UpRequest>) -> Result<Response<Self::UpStream>, Status> {
         let req = req.into_inner();
         up_fields(&req)?;
+        let src = spec_source(req)?;
         let (tx, rx) = mpsc::channel(64);
+        let (step_tx, mut steps) = mpsc::channel::<UpStep>(64);
         let shared = self.shared.clone();
         // The environment is brought up in its own task: a client that goes away mid-way does
         // not leave it half-started.
+        let up = tokio::spawn(async move { shared.envs.up(src, step_tx).await.map(|_| ()) });
         tokio::spawn(async move {
-            let progress = tx.clone();
-            if let Err(e) = shared.envs.up(&shared, req, progress).await {
+            // Every step first (the channel closes when `up` is done), then its error if any.
+            while let Some(step) = steps.recv().await {
+                let _ = tx.send(Ok(step_pb(step))).await;
+            }
+            let result = match up.await {
+                Ok(r) => r.map_err(Status::from),
+                Err(e) => Err(RegistryError::Task(e.to_string()).into()),
+            };
+            if let Err(e) = result {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -111,11 +233,7 @@ impl Environments for Api {
         req: Request<pb::DownRequest>,
     ) -> Result<Response<pb::DownResponse>, Status> {
         name_field("env", "environment", &req.get_ref().env)?;
-        let (env, stopped) = self
-            .shared
-            .envs
-            .down(&self.shared, &req.get_ref().env)
-            .await?;
+        let (env, stopped) = self.shared.envs.down(&req.get_ref().env).await?;
         Ok(Response::new(pb::DownResponse { env, stopped }))
     }
 
@@ -129,7 +247,7 @@ impl Environments for Api {
             .list()
             .await
             .iter()
-            .map(|e| e.status())
+            .map(|e| env_pb(&e.status()))
             .collect();
         Ok(Response::new(pb::ListResponse { environments }))
     }
@@ -140,14 +258,18 @@ impl Environments for Api {
     ) -> Result<Response<pb::EnvironmentStatus>, Status> {
         name_field("env", "environment", &req.get_ref().env)?;
         let env = self.shared.envs.get(&req.get_ref().env).await?;
-        Ok(Response::new(env.status()))
+        Ok(Response::new(env_pb(&env.status())))
     }
 }
 
-fn selector(s: Option<pb::EdgeSelector>) -> Result<pb::EdgeSelector, Status> {
+fn selector(s: Option<pb::EdgeSelector>) -> Result<Selector, Status> {
     let sel = s.unwrap_or_default();
     selector_fields(&sel)?;
-    Ok(sel)
+    Ok(Selector {
+        env: sel.env,
+        edges: sel.edges,
+        to: sel.to,
+    })
 }
 
 #[tonic::async_trait]
@@ -166,8 +288,8 @@ impl Chaos for Api {
             ));
         }
         let env = self.shared.envs.get(&sel.env).await?;
-        let edges = env.set_chaos(&self.shared, &sel, "set", |_| spec.clone())?;
-        Ok(Response::new(pb::ChaosResponse { edges }))
+        let edges = env.set_chaos(&sel, "set", |_| spec.clone())?;
+        Ok(Response::new(chaos_pb(edges)))
     }
 
     async fn get(
@@ -176,9 +298,7 @@ impl Chaos for Api {
     ) -> Result<Response<pb::ChaosResponse>, Status> {
         let sel = selector(req.into_inner().selector)?;
         let env = self.shared.envs.get(&sel.env).await?;
-        Ok(Response::new(pb::ChaosResponse {
-            edges: env.get_chaos(&sel)?,
-        }))
+        Ok(Response::new(chaos_pb(env.get_chaos(&sel)?)))
     }
 
     async fn clear(
@@ -187,8 +307,8 @@ impl Chaos for Api {
     ) -> Result<Response<pb::ChaosResponse>, Status> {
         let sel = selector(req.into_inner().selector)?;
         let env = self.shared.envs.get(&sel.env).await?;
-        let edges = env.set_chaos(&self.shared, &sel, "clear", |_| ChaosSpec::default())?;
-        Ok(Response::new(pb::ChaosResponse { edges }))
+        let edges = env.set_chaos(&sel, "clear", |_| ChaosSpec::default())?;
+        Ok(Response::new(chaos_pb(edges)))
     }
 
     async fn list_presets(
@@ -246,8 +366,8 @@ impl Chaos for Api {
             .clone();
         let env = self.shared.envs.get(&sel.env).await?;
         let cause = format!("preset {}", preset.name);
-        let edges = env.set_chaos(&self.shared, &sel, &cause, |p| preset.for_protocol(p))?;
-        Ok(Response::new(pb::ChaosResponse { edges }))
+        let edges = env.set_chaos(&sel, &cause, |p| preset.for_protocol(p))?;
+        Ok(Response::new(chaos_pb(edges)))
     }
 }
 

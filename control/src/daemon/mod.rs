@@ -2,10 +2,9 @@
 //!
 //! [`start`] binds one loopback address and serves on it both the `rig.v1` gRPC API (plus
 //! `grpc.health.v1` and server reflection) and plain HTTP: `/metrics` (Prometheus text),
-//! `/healthz` and `/events` (Server-Sent Events). Environments live in [`envs`]; the gRPC
+//! `/healthz` and `/events` (Server-Sent Events). Environments live in [`crate::registry`]; the gRPC
 //! services in [`grpc`]; the HTTP endpoints and the token check in [`http`].
 
-pub mod envs;
 pub mod grpc;
 pub mod guard;
 pub mod http;
@@ -23,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::eventlog::EventLog;
 use crate::presets::{self, Preset};
+use crate::registry::{Deps, Registry, spawn_event_pump};
 use crate::secret::Secret;
 
 /// The default address rigd listens on and rigctl calls.
@@ -108,7 +108,7 @@ pub enum DaemonError {
 /// State shared by the gRPC services, the HTTP endpoints and the environments.
 #[derive(Debug)]
 pub struct Shared {
-    pub envs: envs::Registry,
+    pub envs: Registry,
     pub log: Arc<EventLog>,
     pub proxy_events: EventSender,
     pub presets: Vec<Preset>,
@@ -139,7 +139,7 @@ impl DaemonHandle {
 
     /// Bring every environment down, then stop serving.
     pub async fn shutdown(self) {
-        self.shared.envs.down_all(&self.shared).await;
+        self.shared.envs.down_all().await;
         self.shared.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
     }
@@ -238,14 +238,21 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
         source,
     })?;
 
+    let log = Arc::new(EventLog::new(
+        cfg.events_retained,
+        crate::eventlog::DEFAULT_EVENTS_BUDGET,
+        65_536,
+    ));
+    let proxy_events = EventSender::new(65_536);
+    let deps = Deps {
+        log: log.clone(),
+        proxy_events: proxy_events.clone(),
+        children_dir: children_dir.clone(),
+    };
     let shared = Arc::new(Shared {
-        envs: envs::Registry::default(),
-        log: Arc::new(EventLog::new(
-            cfg.events_retained,
-            crate::eventlog::DEFAULT_EVENTS_BUDGET,
-            65_536,
-        )),
-        proxy_events: EventSender::new(65_536),
+        envs: Registry::new(deps.clone()),
+        log,
+        proxy_events,
         presets: all_presets,
         prometheus: prometheus(),
         token: cfg.token.clone(),
@@ -254,7 +261,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
     });
     // Registered at once (adding 0 keeps another in-process rigd's count): /metrics is never empty.
     metrics::gauge!("rig_environments").increment(0.0);
-    envs::spawn_event_pump(&shared);
+    spawn_event_pump(&deps, shared.shutdown.clone());
     spawn_metrics_upkeep(&shared);
 
     let app = http::router(shared.clone()).layer(axum::middleware::from_fn_with_state(

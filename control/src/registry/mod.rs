@@ -1,7 +1,18 @@
-//! The environment registry's domain layer: pure functions and types that speak specs and
-//! addresses, never protobuf or gRPC (a test in `control/tests/registry_boundary.rs` checks).
+//! The environment registry: the domain core of rigd. It brings specs up and down, holds the
+//! running environments and changes their chaos, speaking domain types ([`view`]) and one
+//! error enum ([`RegistryError`]); never protobuf or gRPC (a test in
+//! `control/tests/registry_boundary.rs` checks). The transports in `daemon/` map both.
 //!
-//! So far: [`wiring`], which turns a service of a spec plus the addresses rigd allocated into
-//! what the service is launched with.
+//! - [`environments`]: the registry and its bring-up phases;
+//! - [`wiring`]: pure, a service of a spec plus the addresses rigd allocated → what the
+//!   service is launched with;
+//! - [`view`]: states, views, selectors, bring-up steps;
+//! - [`error`]: [`RegistryError`] and its [`ErrorKind`].
 
+pub mod environments;
+pub mod error;
+pub mod view;
 pub mod wiring;
+
+pub use environments::{Deps, Env, Progress, Registry, spawn_event_pump};
+pub use error::{ErrorKind, RegistryError};

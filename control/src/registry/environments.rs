@@ -1,5 +1,6 @@
 //! Environments: bring a spec's services up in dependency order behind one proxy per edge,
-//! watch them, change their chaos, bring them down.
+//! watch them, change their chaos, bring them down. Speaks domain types only
+//! ([`super::view`], [`RegistryError`]); the transports map them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -7,24 +8,40 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use rig_proto::v1 as pb;
+use rig_proxy::events::EventSender;
 use rig_proxy::policy::{ChaosSpec, PolicyError, Protocol};
 use rig_proxy::{Edge, EdgeConfig, EdgeInfo, ProxyEvent};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
-use super::Shared;
-use crate::eventlog::{NewEvent, unix_secs};
+use super::error::RegistryError;
+use super::view::{
+    EdgeChaos, EdgeView, EnvState, EnvView, IngressView, Selector, ServiceState, ServiceView,
+    SpecSource, UpStep,
+};
+use super::wiring;
+use crate::eventlog::{EventLog, NewEvent};
 use crate::events::EventData;
-use crate::registry::wiring;
+use crate::probe::wait_ready;
 use crate::spec::{self, Readiness, Spec, derive_seed};
 use crate::supervisor::{Child, LOG_QUEUE_LINES, LogLine, LogOutput, ProcessSpec};
 
+/// What the registry needs from the daemon around it.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// Where life-cycle, log and chaos events go.
+    pub log: Arc<EventLog>,
+    /// Where the edges' proxies send their events.
+    pub proxy_events: EventSender,
+    /// Where the supervisor keeps its records of children.
+    pub children_dir: PathBuf,
+}
+
 /// The running environments, by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
+    deps: Deps,
     envs: tokio::sync::Mutex<BTreeMap<String, Arc<Env>>>,
 }
 
@@ -35,7 +52,8 @@ pub struct Env {
     pub origin: String,
     pub seed: Option<u64>,
     pub started_at: SystemTime,
-    state: Mutex<&'static str>,
+    state: Mutex<EnvState>,
+    log: Arc<EventLog>,
     /// Services in start order.
     services: Vec<Arc<ServiceRt>>,
     order: Vec<Vec<String>>,
@@ -52,7 +70,7 @@ struct ServiceRt {
     stop_grace: Duration,
     ingresses: Vec<(String, Protocol, SocketAddr, Readiness)>,
     child: Mutex<Option<Arc<Child>>>,
-    state: Mutex<&'static str>,
+    state: Mutex<ServiceState>,
     exit: Mutex<Option<String>>,
 }
 
@@ -74,11 +92,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Forward proxy events into the event log, with a one-line summary each.
-pub fn spawn_event_pump(shared: &Arc<Shared>) {
-    let mut rx = shared.proxy_events.subscribe();
-    let log = shared.log.clone();
-    let stop = shared.shutdown.clone();
+/// Forward proxy events into the event log, until `stop`.
+pub fn spawn_event_pump(deps: &Deps, stop: CancellationToken) {
+    let mut rx = deps.proxy_events.subscribe();
+    let log = deps.log.clone();
     tokio::spawn(async move {
         loop {
             let ev = tokio::select! {
@@ -114,23 +131,30 @@ fn proxy_event(ev: &ProxyEvent) -> NewEvent {
     }
 }
 
-/// Where an `Up` reports progress.
-pub type Progress = mpsc::Sender<Result<pb::UpProgress, Status>>;
+/// Where an `up` reports progress.
+pub type Progress = mpsc::Sender<UpStep>;
 
-async fn report(progress: &Progress, env: &str, service: &str, state: &str, message: String) {
+async fn report(
+    progress: &Progress,
+    env: &str,
+    service: &str,
+    state: &'static str,
+    message: String,
+) {
     let _ = progress
-        .send(Ok(pb::UpProgress {
+        .send(UpStep {
             env: env.into(),
             service: service.into(),
-            state: state.into(),
+            state,
             message,
-            ..Default::default()
-        }))
+            last_logs: Vec::new(),
+            environment: None,
+        })
         .await;
 }
 
-fn publish(shared: &Shared, env: &str, service: &str, data: EventData) {
-    shared.log.publish(NewEvent::service(env, service, data));
+fn publish(log: &EventLog, env: &str, service: &str, data: EventData) {
+    log.publish(NewEvent::service(env, service, data));
 }
 
 /// "1 edge proxy listening", "3 edge proxies listening".
@@ -144,56 +168,35 @@ async fn free_port() -> std::io::Result<TcpListener> {
 }
 
 impl Registry {
+    pub fn new(deps: Deps) -> Registry {
+        Registry {
+            deps,
+            envs: tokio::sync::Mutex::default(),
+        }
+    }
+
     /// Bring a spec up. Progress goes to `progress`; on error everything started is stopped
     /// again before this returns.
-    pub async fn up(
-        &self,
-        shared: &Arc<Shared>,
-        req: pb::UpRequest,
-        progress: Progress,
-    ) -> Result<Arc<Env>, Status> {
-        let format = match req.format.as_str() {
-            "toml" | "" => spec::Format::Toml,
-            "json" => spec::Format::Json,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown spec format {other:?}: expected toml or json"
-                )));
-            }
-        };
-        let origin = if req.origin.is_empty() {
-            "spec"
-        } else {
-            req.origin.as_str()
-        };
-        let base_dir = if req.base_dir.is_empty() {
-            std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
-        } else {
-            PathBuf::from(&req.base_dir)
-        };
+    pub async fn up(&self, src: SpecSource, progress: Progress) -> Result<Arc<Env>, RegistryError> {
+        let origin = src.origin.as_str();
+        let base_dir = src.base_dir.as_path();
         // Relative `cwd`s resolve against the spec file's directory, as `spec::load` does.
-        let spec = spec::parse_in_dir(&req.spec, format, origin, &base_dir)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        spec::check_ports(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec = spec::parse_in_dir(&src.text, src.format, origin, base_dir)?;
+        spec::check_ports(&spec)?;
 
         // Claim the name first, so two concurrent `up`s of one name cannot both start.
         let claim = CancellationToken::new();
         {
             let mut envs = self.envs.lock().await;
             if envs.contains_key(&spec.name) {
-                return Err(Status::already_exists(format!(
-                    "environment {:?} is already running (rigctl down {} first)",
-                    spec.name, spec.name
-                )));
+                return Err(RegistryError::AlreadyRunning(spec.name.clone()));
             }
             envs.insert(
                 spec.name.clone(),
-                Arc::new(placeholder(&spec, origin, claim.clone())),
+                Arc::new(placeholder(&spec, origin, &self.deps, claim.clone())),
             );
         }
-        let result = self
-            .start(shared, &spec, origin, &base_dir, &progress, claim)
-            .await;
+        let result = self.start(&spec, origin, base_dir, &progress, claim).await;
         let mut envs = self.envs.lock().await;
         match result {
             Ok(env) => {
@@ -210,13 +213,13 @@ impl Registry {
 
     async fn start(
         &self,
-        shared: &Arc<Shared>,
         spec: &Spec,
         origin: &str,
         base_dir: &Path,
         progress: &Progress,
         cancel: CancellationToken,
-    ) -> Result<Arc<Env>, Status> {
+    ) -> Result<Arc<Env>, RegistryError> {
+        let deps = &self.deps;
         let env_name = spec.name.clone();
         // 1. Addresses: every ingress gets its port (held until its service starts, so no other
         //    process takes it meanwhile); every observed edge gets a proxy that keeps its listener.
@@ -227,12 +230,12 @@ impl Registry {
                 let addr = match ing.port {
                     Some(p) => SocketAddr::from(([127, 0, 0, 1], p)),
                     None => {
-                        let l = free_port().await.map_err(|e| {
-                            Status::internal(format!("cannot allocate a port: {e}"))
-                        })?;
-                        let a = l.local_addr().map_err(|e| {
-                            Status::internal(format!("cannot allocate a port: {e}"))
-                        })?;
+                        let port_error = |source| RegistryError::Port {
+                            what: "port",
+                            source,
+                        };
+                        let l = free_port().await.map_err(port_error)?;
+                        let a = l.local_addr().map_err(port_error)?;
                         held.insert((svc.name.clone(), ing.name.clone()), l);
                         a
                     }
@@ -254,9 +257,10 @@ impl Registry {
                 protocol: eg.protocol,
             };
             let (proxy, wired_addr) = if eg.observe {
-                let listener = free_port()
-                    .await
-                    .map_err(|e| Status::internal(format!("cannot allocate a proxy port: {e}")))?;
+                let listener = free_port().await.map_err(|source| RegistryError::Port {
+                    what: "proxy port",
+                    source,
+                })?;
                 let edge = Edge::start(
                     EdgeConfig {
                         info,
@@ -264,9 +268,12 @@ impl Registry {
                         chaos: eg.chaos.clone(),
                     },
                     listener,
-                    shared.proxy_events.clone(),
+                    deps.proxy_events.clone(),
                 )
-                .map_err(|e| Status::invalid_argument(format!("edge {edge_name}: {e}")))?;
+                .map_err(|e| RegistryError::Edge {
+                    edge: edge_name.clone(),
+                    message: e.to_string(),
+                })?;
                 let a = edge.local_addr();
                 (Some(edge), a)
             } else {
@@ -316,15 +323,7 @@ impl Registry {
             for name in level {
                 let svc = &spec.services[name];
                 let launch =
-                    wiring::service_env(spec, svc, &wired, base_dir, |k| std::env::var(k).ok())
-                        .map_err(|e| match e {
-                            wiring::WiringError::Expand { .. } => {
-                                Status::invalid_argument(e.to_string())
-                            }
-                            wiring::WiringError::MissingAddress { .. } => {
-                                Status::internal(e.to_string())
-                            }
-                        })?;
+                    wiring::service_env(spec, svc, &wired, base_dir, |k| std::env::var(k).ok())?;
                 let ingresses = svc
                     .ingresses
                     .values()
@@ -342,7 +341,7 @@ impl Registry {
                     stop_grace: svc.stop_grace,
                     ingresses,
                     child: Mutex::new(None),
-                    state: Mutex::new("pending"),
+                    state: Mutex::new(ServiceState::Pending),
                     exit: Mutex::new(None),
                 }));
             }
@@ -353,7 +352,8 @@ impl Registry {
             origin: origin.into(),
             seed: spec.seed,
             started_at: SystemTime::now(),
-            state: Mutex::new("starting"),
+            state: Mutex::new(EnvState::Starting),
+            log: deps.log.clone(),
             services,
             order: spec.order.clone(),
             edges,
@@ -363,7 +363,7 @@ impl Registry {
         // 3. Logs of every service become `service.log` events.
         let (log_tx, mut log_rx) = mpsc::channel::<LogLine>(LOG_QUEUE_LINES);
         {
-            let log = shared.log.clone();
+            let log = deps.log.clone();
             let env_name = env_name.clone();
             tokio::spawn(async move {
                 while let Some(line) = log_rx.recv().await {
@@ -390,13 +390,12 @@ impl Registry {
                     // Release the held port just before the service binds it.
                     held.remove(&(svc.name.clone(), ing.clone()));
                 }
-                let shared = shared.clone();
+                let deps = deps.clone();
                 let env_name = env_name.clone();
                 let progress = progress.clone();
                 let log_tx = log_tx.clone();
-                let state_dir = shared.state_dir.join("children");
                 starts.push(tokio::spawn(async move {
-                    start_service(&shared, &env_name, &svc, &progress, log_tx, &state_dir).await
+                    start_service(&deps, &env_name, &svc, &progress, log_tx).await
                 }));
             }
             let mut failure = None;
@@ -404,28 +403,29 @@ impl Registry {
                 match s.await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => failure = failure.or(Some(e)),
-                    Err(e) => {
-                        failure =
-                            failure.or(Some(Status::internal(format!("start task failed: {e}"))))
-                    }
+                    Err(e) => failure = failure.or(Some(RegistryError::Task(e.to_string()))),
                 }
             }
             if let Some(e) = failure {
-                *lock(&env.state) = "stopping";
-                stop_env(shared, &env).await;
+                *lock(&env.state) = EnvState::Stopping;
+                stop_env(&env).await;
+                let reason = match &e {
+                    RegistryError::ServiceFailed { message, .. } => message.clone(),
+                    e => e.to_string(),
+                };
                 publish(
-                    shared,
+                    &deps.log,
                     &env_name,
                     "",
                     EventData::EnvironmentDown {
-                        reason: Some(e.message().to_string()),
+                        reason: Some(reason),
                         stopped: None,
                     },
                 );
                 return Err(e);
             }
         }
-        *lock(&env.state) = "up";
+        *lock(&env.state) = EnvState::Up;
 
         // 5. Watch every service for an unexpected exit.
         for svc in &env.services {
@@ -434,21 +434,20 @@ impl Registry {
             };
             let svc = svc.clone();
             let env2 = env.clone();
-            let shared2 = shared.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = env2.cancel.cancelled() => {}
                     exit = child.wait_exit() => {
                         if env2.cancel.is_cancelled() { return; }
                         let why = exit.to_string();
-                        *lock(&svc.state) = "exited";
+                        *lock(&svc.state) = ServiceState::Exited;
                         *lock(&svc.exit) = Some(why.clone());
-                        *lock(&env2.state) = "degraded";
+                        *lock(&env2.state) = EnvState::Degraded;
                         metrics::gauge!("rig_service_up", "env" => env2.name.clone(), "service" => svc.name.clone()).set(0.0);
                         metrics::gauge!("rig_service_ready", "env" => env2.name.clone(), "service" => svc.name.clone()).set(0.0);
                         metrics::counter!("rig_service_exits_total", "env" => env2.name.clone(), "service" => svc.name.clone()).increment(1);
                         let last: Vec<String> = child.recent_logs().iter().rev().take(10).rev().map(|l| l.line.clone()).collect();
-                        publish(&shared2, &env2.name, &svc.name, EventData::ServiceFailed { reason: None, exit: Some(why), last_logs: last });
+                        publish(&env2.log, &env2.name, &svc.name, EventData::ServiceFailed { reason: None, exit: Some(why), last_logs: last });
                     }
                 }
             });
@@ -456,7 +455,7 @@ impl Registry {
 
         let n = env.services.len();
         publish(
-            shared,
+            &deps.log,
             &env_name,
             "",
             EventData::EnvironmentUp {
@@ -466,40 +465,35 @@ impl Registry {
             },
         );
         let _ = progress
-            .send(Ok(pb::UpProgress {
+            .send(UpStep {
                 env: env_name.clone(),
-                state: "up".into(),
+                service: String::new(),
+                state: "up",
                 message: format!("{env_name} is up"),
+                last_logs: Vec::new(),
                 environment: Some(env.status()),
-                ..Default::default()
-            }))
+            })
             .await;
         Ok(env)
     }
 
     /// Bring an environment down; `name` empty means the only one.
-    pub async fn down(
-        &self,
-        shared: &Arc<Shared>,
-        name: &str,
-    ) -> Result<(String, Vec<String>), Status> {
+    pub async fn down(&self, name: &str) -> Result<(String, Vec<String>), RegistryError> {
         let env = {
             let mut envs = self.envs.lock().await;
             let name = resolve_name(&envs, name)?;
             // A placeholder: its `up` is still running and will finish or undo it.
-            if envs[&name].services.is_empty() && *lock(&envs[&name].state) == "starting" {
-                return Err(Status::failed_precondition(format!(
-                    "environment {name:?} is still starting"
-                )));
+            if envs[&name].services.is_empty() && *lock(&envs[&name].state) == EnvState::Starting {
+                return Err(RegistryError::StillStarting(name));
             }
             let env = envs.remove(&name).expect("resolved name exists");
             metrics::gauge!("rig_environments").set(envs.len() as f64);
             env
         };
-        *lock(&env.state) = "stopping";
-        let stopped = stop_env(shared, &env).await;
+        *lock(&env.state) = EnvState::Stopping;
+        let stopped = stop_env(&env).await;
         publish(
-            shared,
+            &self.deps.log,
             &env.name,
             "",
             EventData::EnvironmentDown {
@@ -511,10 +505,10 @@ impl Registry {
     }
 
     /// Bring every environment down (rigd shutting down).
-    pub async fn down_all(&self, shared: &Arc<Shared>) {
+    pub async fn down_all(&self) {
         let names: Vec<String> = self.envs.lock().await.keys().cloned().collect();
         for n in names {
-            let _ = self.down(shared, &n).await;
+            let _ = self.down(&n).await;
         }
     }
 
@@ -523,47 +517,38 @@ impl Registry {
     }
 
     /// One environment; `name` empty means the only one.
-    pub async fn get(&self, name: &str) -> Result<Arc<Env>, Status> {
+    pub async fn get(&self, name: &str) -> Result<Arc<Env>, RegistryError> {
         let envs = self.envs.lock().await;
         let name = resolve_name(&envs, name)?;
         Ok(envs[&name].clone())
     }
 }
 
-fn resolve_name(envs: &BTreeMap<String, Arc<Env>>, name: &str) -> Result<String, Status> {
+fn resolve_name(envs: &BTreeMap<String, Arc<Env>>, name: &str) -> Result<String, RegistryError> {
     if !name.is_empty() {
         if envs.contains_key(name) {
             return Ok(name.to_string());
         }
-        let known: Vec<&str> = envs.keys().map(String::as_str).collect();
-        return Err(Status::not_found(format!(
-            "no environment named {name:?} (running: {})",
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        )));
+        return Err(RegistryError::NoSuchEnvironment {
+            name: name.to_string(),
+            running: envs.keys().cloned().collect(),
+        });
     }
     match envs.len() {
-        0 => Err(Status::not_found(
-            "no environment is running (start one with `rigctl up FILE`)",
-        )),
+        0 => Err(RegistryError::NoEnvironment),
         1 => Ok(envs.keys().next().cloned().unwrap_or_default()),
-        _ => Err(Status::invalid_argument(format!(
-            "several environments are running ({}): name one with --env",
-            envs.keys().cloned().collect::<Vec<_>>().join(", ")
-        ))),
+        _ => Err(RegistryError::Ambiguous(envs.keys().cloned().collect())),
     }
 }
 
-fn placeholder(spec: &Spec, origin: &str, cancel: CancellationToken) -> Env {
+fn placeholder(spec: &Spec, origin: &str, deps: &Deps, cancel: CancellationToken) -> Env {
     Env {
         name: spec.name.clone(),
         origin: origin.into(),
         seed: spec.seed,
         started_at: SystemTime::now(),
-        state: Mutex::new("starting"),
+        state: Mutex::new(EnvState::Starting),
+        log: deps.log.clone(),
         services: Vec::new(),
         order: Vec::new(),
         edges: BTreeMap::new(),
@@ -572,15 +557,15 @@ fn placeholder(spec: &Spec, origin: &str, cancel: CancellationToken) -> Env {
 }
 
 async fn start_service(
-    shared: &Arc<Shared>,
+    deps: &Deps,
     env_name: &str,
     svc: &Arc<ServiceRt>,
     progress: &Progress,
     logs: mpsc::Sender<LogLine>,
-    state_dir: &Path,
-) -> Result<(), Status> {
+) -> Result<(), RegistryError> {
+    let log = &deps.log;
     let started = Instant::now();
-    *lock(&svc.state) = "starting";
+    *lock(&svc.state) = ServiceState::Starting;
     report(
         progress,
         env_name,
@@ -590,7 +575,7 @@ async fn start_service(
     )
     .await;
     publish(
-        shared,
+        log,
         env_name,
         &svc.name,
         EventData::ServiceStarting {
@@ -604,12 +589,15 @@ async fn start_service(
         env: svc.env.clone(),
         stop_grace: svc.stop_grace,
     };
-    let child = match Child::spawn_recorded(pspec, LogOutput::new(logs, env_name), Some(state_dir))
-    {
+    let child = match Child::spawn_recorded(
+        pspec,
+        LogOutput::new(logs, env_name),
+        Some(&deps.children_dir),
+    ) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             let msg = format!("service {} failed to start: {e}", svc.name);
-            return Err(fail(shared, env_name, svc, progress, msg, Vec::new()).await);
+            return Err(fail(log, env_name, svc, progress, msg, Vec::new()).await);
         }
     };
     *lock(&svc.child) = Some(child.clone());
@@ -623,17 +611,17 @@ async fn start_service(
                 if let Err(why) = r {
                     let logs = child.recent_logs().iter().map(|l| l.line.clone()).collect::<Vec<_>>();
                     let msg = format!("service {} is not ready on ingress {ing} ({protocol} {addr}): {why}", svc.name);
-                    return Err(fail(shared, env_name, svc, progress, msg, logs).await);
+                    return Err(fail(log, env_name, svc, progress, msg, logs).await);
                 }
             }
             exit = child.wait_exit() => {
                 let logs = child.recent_logs().iter().map(|l| l.line.clone()).collect::<Vec<_>>();
                 let msg = format!("service {} {exit} before it was ready", svc.name);
-                return Err(fail(shared, env_name, svc, progress, msg, logs).await);
+                return Err(fail(log, env_name, svc, progress, msg, logs).await);
             }
         }
     }
-    *lock(&svc.state) = "ready";
+    *lock(&svc.state) = ServiceState::Ready;
     metrics::gauge!("rig_service_ready", "env" => env_name.to_string(), "service" => svc.name.clone()).set(1.0);
     let addrs: Vec<String> = svc
         .ingresses
@@ -651,7 +639,7 @@ async fn start_service(
         started.elapsed().as_secs_f64()
     );
     publish(
-        shared,
+        log,
         env_name,
         &svc.name,
         EventData::ServiceReady {
@@ -665,18 +653,18 @@ async fn start_service(
 }
 
 async fn fail(
-    shared: &Arc<Shared>,
+    log: &EventLog,
     env_name: &str,
     svc: &ServiceRt,
     progress: &Progress,
     msg: String,
     logs: Vec<String>,
-) -> Status {
-    *lock(&svc.state) = "failed";
+) -> RegistryError {
+    *lock(&svc.state) = ServiceState::Failed;
     *lock(&svc.exit) = Some(msg.clone());
     let tail: Vec<String> = logs.iter().rev().take(20).rev().cloned().collect();
     publish(
-        shared,
+        log,
         env_name,
         &svc.name,
         EventData::ServiceFailed {
@@ -686,29 +674,23 @@ async fn fail(
         },
     );
     let _ = progress
-        .send(Ok(pb::UpProgress {
+        .send(UpStep {
             env: env_name.into(),
             service: svc.name.clone(),
-            state: "failed".into(),
+            state: ServiceState::Failed.as_str(),
             message: msg.clone(),
             last_logs: tail.clone(),
             environment: None,
-        }))
+        })
         .await;
-    let mut full = msg;
-    if !tail.is_empty() {
-        full.push_str("\nlast log lines:\n");
-        for l in &tail {
-            full.push_str("  ");
-            full.push_str(l);
-            full.push('\n');
-        }
+    RegistryError::ServiceFailed {
+        message: msg,
+        last_logs: tail,
     }
-    Status::failed_precondition(full)
 }
 
 /// Stop services in reverse start order, then close the proxies. Returns the stopped names.
-async fn stop_env(shared: &Arc<Shared>, env: &Arc<Env>) -> Vec<String> {
+async fn stop_env(env: &Arc<Env>) -> Vec<String> {
     env.cancel.cancel();
     let mut stopped = Vec::new();
     let levels: Vec<&Vec<String>> = if env.order.is_empty() {
@@ -725,14 +707,14 @@ async fn stop_env(shared: &Arc<Shared>, env: &Arc<Env>) -> Vec<String> {
             let Some(child) = lock(&svc.child).take() else {
                 continue;
             };
-            let shared = shared.clone();
+            let log = env.log.clone();
             let env_name = env.name.clone();
             stops.push(tokio::spawn(async move {
                 let exit = child.stop().await;
-                *lock(&svc.state) = "stopped";
+                *lock(&svc.state) = ServiceState::Stopped;
                 metrics::gauge!("rig_service_up", "env" => env_name.clone(), "service" => svc.name.clone()).set(0.0);
                 metrics::gauge!("rig_service_ready", "env" => env_name.clone(), "service" => svc.name.clone()).set(0.0);
-                publish(&shared, &env_name, &svc.name, EventData::ServiceStopped { exit: exit.to_string(), grace_seconds: svc.stop_grace.as_secs_f64() });
+                publish(&log, &env_name, &svc.name, EventData::ServiceStopped { exit: exit.to_string(), grace_seconds: svc.stop_grace.as_secs_f64() });
                 svc.name.clone()
             }));
         }
@@ -750,91 +732,12 @@ async fn stop_env(shared: &Arc<Shared>, env: &Arc<Env>) -> Vec<String> {
     stopped
 }
 
-/// Poll an ingress until it is ready: fast at first, then backing off, until the timeout.
-async fn wait_ready(protocol: Protocol, addr: SocketAddr, ready: &Readiness) -> Result<(), String> {
-    let Some(timeout) = ready.timeout() else {
-        return Ok(());
-    };
-    let deadline = Instant::now() + timeout;
-    let mut wait = Duration::from_millis(5);
-    let mut last;
-    loop {
-        let r = tokio::time::timeout(
-            Duration::from_secs(2).min(timeout),
-            probe(protocol, addr, ready),
-        )
-        .await;
-        match r {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => last = e,
-            Err(_) => last = "probe timed out".into(),
-        }
-        if Instant::now() + wait > deadline {
-            return Err(format!(
-                "not ready after {}: {last}",
-                humantime::format_duration(timeout)
-            ));
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(500));
-    }
-}
-
-async fn probe(_protocol: Protocol, addr: SocketAddr, ready: &Readiness) -> Result<(), String> {
-    match ready {
-        Readiness::Disabled => Ok(()),
-        Readiness::Tcp { .. } => tokio::net::TcpStream::connect(addr)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("tcp connect: {e}")),
-        Readiness::Http { path, .. } => {
-            use http_body_util::Empty;
-            use hyper_util::client::legacy::Client;
-            use hyper_util::rt::TokioExecutor;
-            let client: Client<_, Empty<bytes::Bytes>> =
-                Client::builder(TokioExecutor::new()).build_http();
-            let uri: http::Uri = format!("http://{addr}{path}")
-                .parse()
-                .map_err(|e| format!("bad readiness path: {e}"))?;
-            let resp = client
-                .get(uri)
-                .await
-                .map_err(|e| format!("GET {path}: {e}"))?;
-            if resp.status().as_u16() < 500 {
-                Ok(())
-            } else {
-                Err(format!("GET {path} answered {}", resp.status()))
-            }
-        }
-        Readiness::Grpc { service, .. } => {
-            use tonic_health::pb::health_check_response::ServingStatus;
-            use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| e.to_string())?
-                .connect()
-                .await
-                .map_err(|e| format!("grpc connect: {e}"))?;
-            let resp = HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: service.clone(),
-                })
-                .await
-                .map_err(|e| format!("grpc health check: {} {}", e.code(), e.message()))?;
-            if resp.get_ref().status == ServingStatus::Serving as i32 {
-                Ok(())
-            } else {
-                Err(format!("grpc health: {:?}", resp.get_ref().status))
-            }
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Chaos on edges.
 // ---------------------------------------------------------------------------------------------
 
 /// Which edges a selector names.
-fn select<'a>(env: &'a Env, selector: &pb::EdgeSelector) -> Result<Vec<&'a EdgeRt>, Status> {
+fn select<'a>(env: &'a Env, selector: &Selector) -> Result<Vec<&'a EdgeRt>, RegistryError> {
     let patterns: Vec<&str> = if selector.edges.is_empty() {
         vec!["*"]
     } else {
@@ -853,21 +756,12 @@ fn select<'a>(env: &'a Env, selector: &pb::EdgeSelector) -> Result<Vec<&'a EdgeR
             .filter(|e| selector.to.is_empty() || e.target == selector.to)
             .collect();
         if matched.is_empty() {
-            let known: Vec<&str> = env.edges.keys().map(String::as_str).collect();
-            return Err(Status::not_found(format!(
-                "no edge matches {pat:?}{} in environment {:?} (edges: {})",
-                if selector.to.is_empty() {
-                    String::new()
-                } else {
-                    format!(" --to {}", selector.to)
-                },
-                env.name,
-                if known.is_empty() {
-                    "none".into()
-                } else {
-                    known.join(", ")
-                }
-            )));
+            return Err(RegistryError::NoSuchEdge {
+                pattern: pat.to_string(),
+                to: (!selector.to.is_empty()).then(|| selector.to.clone()),
+                env: env.name.clone(),
+                known: env.edges.keys().cloned().collect(),
+            });
         }
         for m in matched {
             if !out.iter().any(|o| o.name == m.name) {
@@ -878,14 +772,14 @@ fn select<'a>(env: &'a Env, selector: &pb::EdgeSelector) -> Result<Vec<&'a EdgeR
     Ok(out)
 }
 
-fn edge_chaos(env: &Env, e: &EdgeRt) -> pb::EdgeChaos {
+fn edge_chaos(env: &Env, e: &EdgeRt) -> EdgeChaos {
     let (version, spec) = e.proxy.as_ref().map(|p| p.chaos()).unwrap_or_default();
-    pb::EdgeChaos {
+    EdgeChaos {
         env: env.name.clone(),
         edge: e.name.clone(),
-        protocol: e.protocol.to_string(),
+        protocol: e.protocol,
         version,
-        chaos: Some(crate::convert::chaos_to_pb(&spec)),
+        spec,
     }
 }
 
@@ -894,19 +788,15 @@ impl Env {
     /// validated before anything changes.
     pub fn set_chaos(
         &self,
-        shared: &Shared,
-        selector: &pb::EdgeSelector,
+        selector: &Selector,
         cause: &str,
         per_protocol: impl Fn(Protocol) -> ChaosSpec,
-    ) -> Result<Vec<pb::EdgeChaos>, Status> {
+    ) -> Result<Vec<EdgeChaos>, RegistryError> {
         let edges = select(self, selector)?;
         let mut plan = Vec::new();
         for e in &edges {
             let Some(proxy) = &e.proxy else {
-                return Err(Status::failed_precondition(format!(
-                    "edge {} is not observed (observe = false): there is no proxy to inject chaos into",
-                    e.name
-                )));
+                return Err(RegistryError::NotObserved(e.name.clone()));
             };
             let mut spec = per_protocol(e.protocol);
             if spec.seed.is_none()
@@ -915,9 +805,12 @@ impl Env {
             {
                 spec.seed = Some(derive_seed(seed, &e.source, &e.egress));
             }
-            spec.validate(e.protocol).map_err(|err: PolicyError| {
-                Status::invalid_argument(format!("edge {} ({}): {err}", e.name, e.protocol))
-            })?;
+            spec.validate(e.protocol)
+                .map_err(|source: PolicyError| RegistryError::Policy {
+                    edge: e.name.clone(),
+                    protocol: e.protocol,
+                    source,
+                })?;
             plan.push((*e, proxy, spec));
         }
         let mut out = Vec::new();
@@ -925,9 +818,12 @@ impl Env {
             let (old_version, old) = proxy.chaos();
             let version = proxy
                 .set_chaos(spec.clone())
-                .map_err(|err| Status::invalid_argument(format!("edge {}: {err}", e.name)))?;
+                .map_err(|err| RegistryError::Edge {
+                    edge: e.name.clone(),
+                    message: err.to_string(),
+                })?;
             metrics::counter!("rig_chaos_changes_total", "env" => self.name.clone(), "edge" => e.name.clone()).increment(1);
-            shared.log.publish(NewEvent {
+            self.log.publish(NewEvent {
                 env: self.name.clone(),
                 service: e.source.clone(),
                 edge: e.name.clone(),
@@ -944,58 +840,54 @@ impl Env {
         Ok(out)
     }
 
-    pub fn get_chaos(&self, selector: &pb::EdgeSelector) -> Result<Vec<pb::EdgeChaos>, Status> {
+    pub fn get_chaos(&self, selector: &Selector) -> Result<Vec<EdgeChaos>, RegistryError> {
         Ok(select(self, selector)?
             .into_iter()
             .map(|e| edge_chaos(self, e))
             .collect())
     }
 
-    /// The environment as `Status` reports it.
-    pub fn status(&self) -> pb::EnvironmentStatus {
-        pb::EnvironmentStatus {
+    /// The environment as `status` reports it.
+    pub fn status(&self) -> EnvView {
+        EnvView {
             name: self.name.clone(),
-            state: (*lock(&self.state)).to_string(),
+            state: *lock(&self.state),
             origin: self.origin.clone(),
-            started_at: unix_secs(self.started_at),
+            started_at: self.started_at,
             services: self
                 .services
                 .iter()
-                .map(|s| pb::ServiceStatus {
+                .map(|s| ServiceView {
                     name: s.name.clone(),
-                    state: (*lock(&s.state)).to_string(),
-                    pid: lock(&s.child).as_ref().map(|c| c.pid()).unwrap_or(0),
+                    state: *lock(&s.state),
+                    pid: lock(&s.child).as_ref().map(|c| c.pid()),
                     ingresses: s
                         .ingresses
                         .iter()
-                        .map(|(n, p, a, _)| pb::IngressStatus {
+                        .map(|(n, p, a, _)| IngressView {
                             name: n.clone(),
-                            protocol: p.to_string(),
-                            address: a.to_string(),
+                            protocol: *p,
+                            address: *a,
                         })
                         .collect(),
-                    exit: lock(&s.exit).clone().unwrap_or_default(),
+                    exit: lock(&s.exit).clone(),
                     command: s.command.clone(),
                 })
                 .collect(),
             edges: self
                 .edges
                 .values()
-                .map(|e| {
-                    let (v, spec) = e.proxy.as_ref().map(|p| p.chaos()).unwrap_or_default();
-                    pb::EdgeStatus {
-                        edge: e.name.clone(),
-                        source: e.source.clone(),
-                        egress: e.egress.clone(),
-                        target: e.target.clone(),
-                        ingress: e.ingress.clone(),
-                        protocol: e.protocol.to_string(),
-                        proxy_address: e.wired_addr.to_string(),
-                        target_address: e.target_addr.to_string(),
-                        observed: e.proxy.is_some(),
-                        chaos_version: v,
-                        chaos: Some(crate::convert::chaos_to_pb(&spec)),
-                    }
+                .map(|e| EdgeView {
+                    edge: e.name.clone(),
+                    source: e.source.clone(),
+                    egress: e.egress.clone(),
+                    target: e.target.clone(),
+                    ingress: e.ingress.clone(),
+                    protocol: e.protocol,
+                    wired_address: e.wired_addr,
+                    target_address: e.target_addr,
+                    observed: e.proxy.is_some(),
+                    chaos: edge_chaos(self, e),
                 })
                 .collect(),
         }
