@@ -497,8 +497,10 @@ impl Proxy {
             Version::HTTP_10 => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
+        // Over h2 the body's error is lost on the way (see `NotedFailure`): it is noted aside.
+        let noted = h2.then(Arc::<body::NotedFailure>::default);
         let body = UpBody::new(
-            ClientBody::new(body, self.limits.body_idle_timeout),
+            ClientBody::new(body, self.limits.body_idle_timeout, noted.clone()),
             plan.up,
             self.ctx.metrics.clone(),
             obs.request_counter(),
@@ -511,7 +513,10 @@ impl Proxy {
         };
         let resp = match sent {
             Ok(r) => r,
-            Err(e) => return Ok(self.respond(Rescue::from_upstream(e), None, obs)),
+            Err(e) => {
+                let rescue = Rescue::from_upstream(e, noted.as_deref());
+                return Ok(self.respond(rescue, None, obs));
+            }
         };
         if let Some(version) = plan.hold_response {
             // One-way partition: the target got the request, its answer goes nowhere until the

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rig_proxy::http::HttpLimits;
 use rig_proxy::{Edge, EdgeConfig, EdgeInfo, EventKind, EventSender, INJECTED_HEADER, Protocol};
 use rig_tests::eventually::eventually;
@@ -35,7 +36,7 @@ struct Seen {
     aborted: AtomicU64,
 }
 
-/// A hyper HTTP/1.1 target on `127.0.0.1:0` that reads each request body to its end before
+/// A hyper HTTP/1.1 and h2c target on `127.0.0.1:0` that reads each request body to its end before
 /// answering `200` with the number of bytes it read, and counts its open connections.
 struct Target {
     addr: SocketAddr,
@@ -73,7 +74,7 @@ impl Target {
                             }
                         })
                     };
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
                     st.open.fetch_sub(1, Ordering::SeqCst);
@@ -330,5 +331,52 @@ async fn a_full_idle_stack_closes_the_oldest_connection() -> R {
     // The one kept is reused by the next client.
     one_request_then_close(&edge).await?;
     assert_eq!(target.seen.accepted.load(Ordering::SeqCst), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stalled_http2_request_body_gets_408_too() -> R {
+    prometheus();
+    let target = Target::start().await?;
+    let limits = HttpLimits {
+        body_idle_timeout: BODY_IDLE,
+        ..HttpLimits::default()
+    };
+    let edge = edge("body-stall-h2", target.addr, limits, EventSender::new(16)).await?;
+    let stream = TcpStream::connect(edge.local_addr()).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    // One byte, then nothing: the sending half is kept open but never used again.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(b"A")))).await?;
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let req = Request::post(format!("http://{}/upload", edge.local_addr())).body(body)?;
+    let sent = Instant::now();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await??;
+    let took = sent.elapsed();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(resp.headers()[INJECTED_HEADER], "request=body_timeout");
+    assert!(
+        took < BODY_IDLE + Duration::from_secs(2),
+        "answered after {took:?}"
+    );
+    drop(tx);
+    eventually("the target to see its request aborted", WAIT, || async {
+        (target.seen.aborted.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(
+            "rig_edge_client_errors_total",
+            "body-stall-h2",
+            &[("reason", "body_timeout")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric("rig_edge_upstream_errors_total", "body-stall-h2", &[]),
+        0.0
+    );
     Ok(())
 }

@@ -195,16 +195,41 @@ pub(crate) struct ClientBody {
     /// Armed at the first wait and only re-armed when it fires early, so a streaming body
     /// costs no timer update per frame.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Where the failure is noted when the error itself does not reach the request's caller.
+    noted: Option<Arc<NotedFailure>>,
+}
+
+/// How the client's body failed, for a caller whose transport loses the error: an h2 client
+/// sends the body from a task of its own and reports a body error as a bare stream reset.
+pub(crate) type NotedFailure = std::sync::OnceLock<BodyFailure>;
+
+/// The kind of a [`ClientBodyError`], kept when the error itself is gone.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BodyFailure {
+    Malformed,
+    Idle(Duration),
 }
 
 impl ClientBody {
-    pub(crate) fn new(inner: Incoming, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        timeout: Duration,
+        noted: Option<Arc<NotedFailure>>,
+    ) -> Self {
         ClientBody {
             inner,
             timeout,
             waiting_since: None,
             timer: None,
+            noted,
         }
+    }
+
+    fn failed(&self, e: ClientBodyError) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        if let Some(n) = &self.noted {
+            let _ = n.set(e.kind());
+        }
+        Poll::Ready(Some(Err(e)))
     }
 }
 
@@ -217,19 +242,23 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let this = self.get_mut();
-        if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.waiting_since = None;
-            return Poll::Ready(r.map(|f| f.map_err(ClientBodyError::Read)));
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => return this.failed(ClientBodyError::Read(e)),
+            Poll::Ready(r) => {
+                this.waiting_since = None;
+                return Poll::Ready(r.map(|f| f.map_err(ClientBodyError::Read)));
+            }
+            Poll::Pending => {}
         }
         let now = tokio::time::Instant::now();
         let deadline = *this.waiting_since.get_or_insert(now) + this.timeout;
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         loop {
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
             ready!(timer.as_mut().poll(cx));
             if tokio::time::Instant::now() >= deadline {
-                return Poll::Ready(Some(Err(ClientBodyError::Idle(this.timeout))));
+                return this.failed(ClientBodyError::Idle(this.timeout));
             }
             // Armed for an earlier wait that the client ended in time.
             timer.as_mut().reset(deadline);
@@ -293,6 +322,13 @@ impl ClientBodyError {
             cur = c.source();
         }
         None
+    }
+
+    pub(crate) fn kind(&self) -> BodyFailure {
+        match self {
+            ClientBodyError::Read(_) => BodyFailure::Malformed,
+            ClientBodyError::Idle(d) => BodyFailure::Idle(*d),
+        }
     }
 
     /// The `reason` label of `rig_edge_client_errors_total`.
