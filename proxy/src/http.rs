@@ -22,6 +22,21 @@
 //! UNAVAILABLE from rig), a hang closed the connection, the response body broke, or the client
 //! went away first. `rig_edge_requests_total` counts every request whose response head reached
 //! the client, by HTTP status or gRPC code name.
+//!
+//! Bounds ([`HttpLimits`], defaults in the constants below), each with its own outcome:
+//! - a request head must arrive within [`HEADER_READ_TIMEOUT`] (hyper closes the connection;
+//!   on HTTP/1 this also closes a keep-alive connection idle for that long);
+//! - a request body that sends nothing for [`BODY_IDLE_TIMEOUT`] is cut: the upstream request
+//!   is aborted and, if no response has started, the client gets 408 with `connection: close`
+//!   (`x-rig-injected: request=body_timeout`); a malformed body gets 400
+//!   (`request=invalid`). Both are the client's: `rig_edge_client_errors_total{reason}`, never
+//!   `rig_edge_upstream_errors_total`;
+//! - rig out of file descriptors when dialling the target answers 503 (`rig=fd_limit`),
+//!   counted in `rig_edge_connections_refused_total{reason="fd_limit"}` and logged (warn, at
+//!   most every 5 s), not blamed on the target;
+//! - idle upstream connections close after [`POOL_IDLE`]; at most [`IDLE_POOL_CAPACITY`] left
+//!   by closed client connections are kept per edge, the oldest closed when full
+//!   (`rig_edge_upstream_idle_closed_total{reason}`).
 
 mod body;
 mod grpc;

@@ -380,3 +380,39 @@ async fn a_stalled_http2_request_body_gets_408_too() -> R {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_client_is_closed_at_the_header_read_timeout_and_its_upstream_after() -> R
+{
+    let target = Target::start().await?;
+    let limit = Duration::from_millis(300);
+    let limits = HttpLimits {
+        header_read_timeout: limit,
+        pool_idle_timeout: limit,
+        ..HttpLimits::default()
+    };
+    let edge = edge("keepalive-idle", target.addr, limits, EventSender::new(16)).await?;
+    let stream = TcpStream::connect(edge.local_addr()).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let resp = sender
+        .send_request(Request::get("/").header("host", "x").body(Empty::new())?)
+        .await?;
+    resp.into_body().collect().await?;
+    let idle_since = Instant::now();
+    // The client keeps its connection and sends nothing: hyper's header read timeout also
+    // runs while a keep-alive connection waits for its next request, so the edge closes it.
+    tokio::time::timeout(WAIT, conn).await???;
+    let took = idle_since.elapsed();
+    assert!(
+        took >= limit && took < limit + Duration::from_secs(2),
+        "closed after {took:?}"
+    );
+    drop(sender);
+    eventually("the upstream connection to close", WAIT, || async {
+        (target.seen.open.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    Ok(())
+}

@@ -250,8 +250,10 @@ impl Body for ClientBody {
             }
             Poll::Pending => {}
         }
-        let now = tokio::time::Instant::now();
-        let deadline = *this.waiting_since.get_or_insert(now) + this.timeout;
+        let deadline = *this
+            .waiting_since
+            .get_or_insert_with(tokio::time::Instant::now)
+            + this.timeout;
         loop {
             let timer = this
                 .timer
