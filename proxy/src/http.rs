@@ -26,8 +26,9 @@
 //! Bounds ([`HttpLimits`], defaults in the constants below), each with its own outcome:
 //! - a request head must arrive within [`HEADER_READ_TIMEOUT`] (hyper closes the connection;
 //!   on HTTP/1 this also closes a keep-alive connection idle for that long);
-//! - a request body that sends nothing for [`BODY_IDLE_TIMEOUT`] is cut: the upstream request
-//!   is aborted and, if no response has started, the client gets 408 with `connection: close`
+//! - a request body that sends nothing for [`BODY_IDLE_TIMEOUT`] before the target answers is
+//!   cut (after that, a quiet request stream is the conversation's, e.g. a gRPC bidi call): the
+//!   upstream request is aborted and the client gets 408 with `connection: close`
 //!   (`x-rig-injected: request=body_timeout`); a malformed body gets 400
 //!   (`request=invalid`). Both are the client's: `rig_edge_client_errors_total{reason}`, never
 //!   `rig_edge_upstream_errors_total`;
@@ -95,7 +96,7 @@ pub const IDLE_POOL_CAPACITY: usize = 256;
 pub struct HttpLimits {
     /// How long a client may take to send a request head before hyper closes the connection.
     pub header_read_timeout: Duration,
-    /// How long a request body may send nothing: then, if the response has not started, the
+    /// How long a request body may send nothing before the target has answered: then the
     /// client gets 408 (and `connection: close`) and the upstream request is aborted.
     pub body_idle_timeout: Duration,
     /// How long an upstream connection may stay idle before it is closed.
@@ -512,10 +513,9 @@ impl Proxy {
             Version::HTTP_10 => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
-        // Over h2 the body's error is lost on the way (see `NotedFailure`): it is noted aside.
-        let noted = h2.then(Arc::<body::NotedFailure>::default);
+        let (body, watch) = ClientBody::new(body, self.limits.body_idle_timeout);
         let body = UpBody::new(
-            ClientBody::new(body, self.limits.body_idle_timeout, noted.clone()),
+            body,
             plan.up,
             self.ctx.metrics.clone(),
             obs.request_counter(),
@@ -527,9 +527,14 @@ impl Proxy {
             self.h1.send(&conn.upstream, req).await
         };
         let resp = match sent {
-            Ok(r) => r,
+            Ok(r) => {
+                if let Some(w) = &watch {
+                    w.answered();
+                }
+                r
+            }
             Err(e) => {
-                let rescue = Rescue::from_upstream(e, noted.as_deref());
+                let rescue = Rescue::from_upstream(e, watch.as_deref());
                 return Ok(self.respond(rescue, None, obs));
             }
         };

@@ -416,3 +416,39 @@ async fn an_idle_keep_alive_client_is_closed_at_the_header_read_timeout_and_its_
     .await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_quiet_request_stream_after_the_target_answered_is_left_alone() -> R {
+    // A streaming conversation (a gRPC bidi call, here an echo over h2c): the target answers
+    // at once and the client speaks when it likes. That is no stuck upload.
+    let up = rig_tests::http_upstream::HttpUpstream::start().await?;
+    let limits = HttpLimits {
+        body_idle_timeout: BODY_IDLE,
+        ..HttpLimits::default()
+    };
+    let edge = edge("body-duplex", up.addr(), limits, EventSender::new(16)).await?;
+    let stream = TcpStream::connect(edge.local_addr()).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(b"a")))).await?;
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let req = Request::post(format!("http://{}/echo", edge.local_addr())).body(body)?;
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await??;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(WAIT, body.frame())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no echo"))??;
+    assert_eq!(first.data_ref().map(|d| &d[..]), Some(&b"a"[..]));
+    // The client is quiet for twice the limit (the scenario, not a wait for the edge).
+    tokio::time::sleep(BODY_IDLE * 2).await;
+    tx.send(Ok(Frame::data(Bytes::from_static(b"b")))).await?;
+    drop(tx);
+    let rest = tokio::time::timeout(WAIT, body.collect())
+        .await??
+        .to_bytes();
+    assert_eq!(&rest[..], b"b");
+    Ok(())
+}

@@ -185,8 +185,10 @@ impl Throttle {
 }
 
 /// The client's request body, cut with [`ClientBodyError::Idle`] when the client sends nothing
-/// for `timeout` while the body is being read. The wait counts only while somebody reads: a
-/// body held back by a bandwidth throttle is not the client's delay.
+/// for `timeout` while the body is being read, until the target has answered. The wait counts
+/// only while somebody reads: a body held back by a bandwidth throttle is not the client's
+/// delay. Once the response has started, a quiet request stream is the conversation between
+/// client and target (a gRPC bidi stream, an echo), not a stuck upload, and is left alone.
 pub(crate) struct ClientBody {
     inner: Incoming,
     timeout: Duration,
@@ -195,13 +197,33 @@ pub(crate) struct ClientBody {
     /// Armed at the first wait and only re-armed when it fires early, so a streaming body
     /// costs no timer update per frame.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Where the failure is noted when the error itself does not reach the request's caller.
-    noted: Option<Arc<NotedFailure>>,
+    /// Shared with the request's forwarder (absent for bodies that are over at once).
+    watch: Option<Arc<BodyWatch>>,
 }
 
-/// How the client's body failed, for a caller whose transport loses the error: an h2 client
-/// sends the body from a task of its own and reports a body error as a bare stream reset.
-pub(crate) type NotedFailure = std::sync::OnceLock<BodyFailure>;
+/// What the forwarder of a request and its body tell each other.
+#[derive(Default)]
+pub(crate) struct BodyWatch {
+    /// How the body failed, for a forwarder whose transport loses the error: an h2 client
+    /// sends the body from a task of its own and reports a body error as a bare stream reset.
+    failure: std::sync::OnceLock<BodyFailure>,
+    /// The target's response head has arrived: the idle timeout no longer applies.
+    answered: std::sync::atomic::AtomicBool,
+}
+
+impl BodyWatch {
+    pub(crate) fn failure(&self) -> Option<BodyFailure> {
+        self.failure.get().copied()
+    }
+
+    pub(crate) fn answered(&self) {
+        self.answered.store(true, Ordering::Relaxed);
+    }
+
+    fn is_answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
 
 /// The kind of a [`ClientBodyError`], kept when the error itself is gone.
 #[derive(Debug, Clone, Copy)]
@@ -211,23 +233,22 @@ pub(crate) enum BodyFailure {
 }
 
 impl ClientBody {
-    pub(crate) fn new(
-        inner: Incoming,
-        timeout: Duration,
-        noted: Option<Arc<NotedFailure>>,
-    ) -> Self {
-        ClientBody {
+    /// The body of a request and, unless it is over already, what its forwarder watches.
+    pub(crate) fn new(inner: Incoming, timeout: Duration) -> (Self, Option<Arc<BodyWatch>>) {
+        let watch = (!inner.is_end_stream()).then(Arc::<BodyWatch>::default);
+        let body = ClientBody {
             inner,
             timeout,
             waiting_since: None,
             timer: None,
-            noted,
-        }
+            watch: watch.clone(),
+        };
+        (body, watch)
     }
 
     fn failed(&self, e: ClientBodyError) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        if let Some(n) = &self.noted {
-            let _ = n.set(e.kind());
+        if let Some(w) = &self.watch {
+            let _ = w.failure.set(e.kind());
         }
         Poll::Ready(Some(Err(e)))
     }
@@ -249,6 +270,10 @@ impl Body for ClientBody {
                 return Poll::Ready(r.map(|f| f.map_err(ClientBodyError::Read)));
             }
             Poll::Pending => {}
+        }
+        if this.watch.as_ref().is_some_and(|w| w.is_answered()) {
+            this.timer = None;
+            return Poll::Pending;
         }
         let deadline = *this
             .waiting_since

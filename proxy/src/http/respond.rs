@@ -15,7 +15,7 @@ use crate::metrics;
 use crate::policy::GrpcCode;
 
 use super::Proxy;
-use super::body::{BodyFailure, ClientBodyError, DownBody, NotedFailure, Obs};
+use super::body::{BodyFailure, BodyWatch, ClientBodyError, DownBody, Obs};
 use super::grpc;
 use super::upstream::UpstreamError;
 
@@ -42,11 +42,11 @@ pub(crate) enum Rescue {
 impl Rescue {
     /// Whose failure a request that got no response head from the target is: the client's
     /// (its body), rig's own (out of descriptors), or the target's.
-    /// `noted` is where the request's body noted its failure, if the error may not carry it.
-    pub(super) fn from_upstream(e: UpstreamError, noted: Option<&NotedFailure>) -> Rescue {
+    /// `watch` is where the request's body noted its failure, if the error may not carry it.
+    pub(super) fn from_upstream(e: UpstreamError, watch: Option<&BodyWatch>) -> Rescue {
         let body = ClientBodyError::find(&e)
             .map(ClientBodyError::kind)
-            .or_else(|| noted.and_then(|n| n.get().copied()));
+            .or_else(|| watch.and_then(BodyWatch::failure));
         match body {
             Some(BodyFailure::Idle(d)) => Rescue::BodyTimeout(d),
             Some(BodyFailure::Malformed) => Rescue::MalformedBody,
