@@ -395,6 +395,17 @@ impl Edge {
         listener: TcpListener,
         events: EventSender,
     ) -> Result<Edge, ProxyError> {
+        Edge::start_with(config, listener, events, crate::http::HttpLimits::default())
+    }
+
+    /// [`Edge::start`] with the time and size limits of an http / grpc edge set by the caller
+    /// (tests lower them; a tcp edge ignores them).
+    pub fn start_with(
+        config: EdgeConfig,
+        listener: TcpListener,
+        events: EventSender,
+        http_limits: crate::http::HttpLimits,
+    ) -> Result<Edge, ProxyError> {
         let addr = listener.local_addr().map_err(ProxyError::Listener)?;
         let protocol = config.info.protocol;
         let info = Arc::new(config.info);
@@ -422,7 +433,9 @@ impl Edge {
         let fut = async move {
             match protocol {
                 Protocol::Tcp => crate::tcp::serve(listener, serve_ctx).await,
-                Protocol::Http | Protocol::Grpc => crate::http::serve(listener, serve_ctx).await,
+                Protocol::Http | Protocol::Grpc => {
+                    crate::http::serve(listener, serve_ctx, http_limits).await
+                }
             }
         };
         ctx.tracker

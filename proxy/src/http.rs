@@ -22,6 +22,22 @@
 //! UNAVAILABLE from rig), a hang closed the connection, the response body broke, or the client
 //! went away first. `rig_edge_requests_total` counts every request whose response head reached
 //! the client, by HTTP status or gRPC code name.
+//!
+//! Bounds ([`HttpLimits`], defaults in the constants below), each with its own outcome:
+//! - a request head must arrive within [`HEADER_READ_TIMEOUT`] (hyper closes the connection;
+//!   on HTTP/1 this also closes a keep-alive connection idle for that long);
+//! - a request body that sends nothing for [`BODY_IDLE_TIMEOUT`] before the target answers is
+//!   cut (after that, a quiet request stream is the conversation's, e.g. a gRPC bidi call): the
+//!   upstream request is aborted and the client gets 408 with `connection: close`
+//!   (`x-rig-injected: request=body_timeout`); a malformed body gets 400
+//!   (`request=invalid`). Both are the client's: `rig_edge_client_errors_total{reason}`, never
+//!   `rig_edge_upstream_errors_total`;
+//! - rig out of file descriptors when dialling the target answers 503 (`rig=fd_limit`),
+//!   counted in `rig_edge_connections_refused_total{reason="fd_limit"}` and logged (warn, at
+//!   most every 5 s), not blamed on the target;
+//! - idle upstream connections close after [`POOL_IDLE`]; at most [`IDLE_POOL_CAPACITY`] left
+//!   by closed client connections are kept per edge, the oldest closed when full
+//!   (`rig_edge_upstream_idle_closed_total{reason}`).
 
 mod body;
 mod grpc;
@@ -52,7 +68,7 @@ use crate::edge::{Active, EdgeCtx, hold};
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
 use crate::policy::{ChaosPolicy, HangThen, PartitionMode};
 
-use body::{ClientBodyError, ConnLimiters, Dir, DownBody, Obs, Throttle, UpBody};
+use body::{ClientBody, ConnLimiters, Dir, DownBody, Obs, Throttle, UpBody};
 use respond::Rescue;
 use upstream::{H1Upstream, Kept, UpstreamError};
 
@@ -60,8 +76,45 @@ use upstream::{H1Upstream, Kept, UpstreamError};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for a TCP connection to the target.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Idle upstream connections are closed after this long.
-const POOL_IDLE: Duration = Duration::from_secs(90);
+/// How long a client may take to send a request head: hyper's own default, stated here so it
+/// is one field with the others.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request body may send nothing before rig gives up on it (408). Half of nginx's
+/// `client_body_timeout` (60 s) and the same as the header read timeout: on a local
+/// environment a client that sends nothing for 30 s mid-body is stuck, not slow, and each
+/// such request holds a connection to the target.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle upstream connections are closed after this long (hyper-util's pool default).
+pub const POOL_IDLE: Duration = Duration::from_secs(90);
+/// At most this many idle upstream HTTP/1 connections are kept per edge for new downstream
+/// connections; when it is full the oldest one is closed.
+pub const IDLE_POOL_CAPACITY: usize = 256;
+
+/// The time and size limits of an http / grpc edge. [`Default`] is the constants above; tests
+/// lower them with [`crate::Edge::start_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// How long a client may take to send a request head before hyper closes the connection.
+    pub header_read_timeout: Duration,
+    /// How long a request body may send nothing before the target has answered: then the
+    /// client gets 408 (and `connection: close`) and the upstream request is aborted.
+    pub body_idle_timeout: Duration,
+    /// How long an upstream connection may stay idle before it is closed.
+    pub pool_idle_timeout: Duration,
+    /// How many idle upstream HTTP/1 connections left by closed downstream connections are kept.
+    pub idle_pool_capacity: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            body_idle_timeout: BODY_IDLE_TIMEOUT,
+            pool_idle_timeout: POOL_IDLE,
+            idle_pool_capacity: IDLE_POOL_CAPACITY,
+        }
+    }
+}
 
 type UpstreamClient = Client<HttpConnector, UpBody>;
 
@@ -76,6 +129,7 @@ pub(crate) struct Proxy {
     host: http::HeaderValue,
     /// `{"error":"injected by rig","edge":...}`, built once.
     default_error_body: bytes::Bytes,
+    limits: HttpLimits,
 }
 
 /// Why rig closes a connection instead of answering (the service's error: hyper then closes the
@@ -102,10 +156,14 @@ struct Plan {
     hold_response: Option<u64>,
 }
 
-pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
-    let proxy = Arc::new(Proxy::new(ctx.clone()));
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>, limits: HttpLimits) {
+    let proxy = Arc::new(Proxy::new(ctx.clone(), limits));
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let mut reserve = crate::limits::Reserve::new();
@@ -285,15 +343,21 @@ fn passthrough(p: &ChaosPolicy) -> bool {
 }
 
 impl Proxy {
-    fn new(ctx: Arc<EdgeCtx>) -> Self {
+    fn new(ctx: Arc<EdgeCtx>, limits: HttpLimits) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let h1 = H1Upstream::new(ctx.target, CONNECT_TIMEOUT, POOL_IDLE);
+        let h1 = H1Upstream::new(
+            ctx.target,
+            CONNECT_TIMEOUT,
+            limits.pool_idle_timeout,
+            limits.idle_pool_capacity,
+            ctx.metrics.clone(),
+        );
         let h2 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE)
+            .pool_idle_timeout(limits.pool_idle_timeout)
             .http2_only(true)
             .build(connector);
         // A socket address always makes a valid authority.
@@ -314,6 +378,7 @@ impl Proxy {
             authority,
             host,
             default_error_body,
+            limits,
         }
     }
 
@@ -448,6 +513,7 @@ impl Proxy {
             Version::HTTP_10 => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
+        let (body, watch) = ClientBody::new(body, self.limits.body_idle_timeout);
         let body = UpBody::new(
             body,
             plan.up,
@@ -461,11 +527,16 @@ impl Proxy {
             self.h1.send(&conn.upstream, req).await
         };
         let resp = match sent {
-            Ok(r) => r,
-            Err(e) if ClientBodyError::in_chain(&e) => {
-                return Ok(self.respond(Rescue::BadRequest("malformed request body"), None, obs));
+            Ok(r) => {
+                if let Some(w) = &watch {
+                    w.answered();
+                }
+                r
             }
-            Err(e) => return Ok(self.respond(Rescue::Upstream(e), None, obs)),
+            Err(e) => {
+                let rescue = Rescue::from_upstream(e, watch.as_deref());
+                return Ok(self.respond(rescue, None, obs));
+            }
         };
         if let Some(version) = plan.hold_response {
             // One-way partition: the target got the request, its answer goes nowhere until the

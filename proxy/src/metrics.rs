@@ -15,6 +15,8 @@
 //! | `rig_edge_upstream_errors_total` | counter | | failures to reach the target |
 //! | `rig_edge_connections_refused_total` | counter | `reason` | connections the edge refused itself (`fd_limit`: out of file descriptors) |
 //! | `rig_edge_policy_version` | gauge | | version of the chaos policy in force |
+//! | `rig_edge_client_errors_total` | counter | `reason` | http/grpc requests rig failed because of the client (`body_timeout`: 408, `malformed_body`, `invalid_request`: 400) |
+//! | `rig_edge_upstream_idle_closed_total` | counter | `reason` | idle upstream connections rig closed (`idle_timeout`, `pool_full`) |
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,6 +34,19 @@ pub const FAULTS_INJECTED_TOTAL: &str = "rig_edge_faults_injected_total";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "rig_edge_upstream_errors_total";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "rig_edge_connections_refused_total";
 pub const POLICY_VERSION: &str = "rig_edge_policy_version";
+pub const CLIENT_ERRORS_TOTAL: &str = "rig_edge_client_errors_total";
+pub const UPSTREAM_IDLE_CLOSED_TOTAL: &str = "rig_edge_upstream_idle_closed_total";
+
+/// `reason` of [`CLIENT_ERRORS_TOTAL`]: the request body sent nothing for the body idle timeout.
+pub const CLIENT_BODY_TIMEOUT: &str = "body_timeout";
+/// `reason` of [`CLIENT_ERRORS_TOTAL`]: the request body could not be read (bad chunking).
+pub const CLIENT_MALFORMED_BODY: &str = "malformed_body";
+/// `reason` of [`CLIENT_ERRORS_TOTAL`]: a request rig cannot forward (CONNECT, bad target).
+pub const CLIENT_INVALID_REQUEST: &str = "invalid_request";
+/// `reason` of [`UPSTREAM_IDLE_CLOSED_TOTAL`]: idle longer than the pool idle timeout.
+pub const IDLE_TIMEOUT: &str = "idle_timeout";
+/// `reason` of [`UPSTREAM_IDLE_CLOSED_TOTAL`]: the edge's idle stack was full.
+pub const POOL_FULL: &str = "pool_full";
 
 /// Register names, units and help texts with the installed recorder. Call once at start-up.
 pub fn describe() {
@@ -67,6 +82,14 @@ pub fn describe() {
     describe_gauge!(
         POLICY_VERSION,
         "Version of the chaos policy in force on an edge"
+    );
+    describe_counter!(
+        CLIENT_ERRORS_TOTAL,
+        "HTTP/gRPC requests an edge failed because of the client, by reason"
+    );
+    describe_counter!(
+        UPSTREAM_IDLE_CLOSED_TOTAL,
+        "Idle upstream connections an edge closed, by reason"
     );
 }
 
@@ -247,5 +270,28 @@ impl EdgeMetrics {
 
     pub fn policy_version(&self, v: u64) {
         self.inner.version.set(v as f64);
+    }
+}
+
+/// Counters of rare outcomes, found by name when they happen instead of held per edge.
+impl EdgeMetrics {
+    fn rare(&self, name: &'static str, key: &'static str, value: &'static str) -> Counter {
+        let mut l = self.inner.labels.clone();
+        l.push(Label::new(key, value));
+        metrics::counter!(name, l)
+    }
+
+    /// A request failed because of the client; `reason` is one of the `CLIENT_*` values.
+    pub fn client_error(&self, reason: &'static str) {
+        self.rare(CLIENT_ERRORS_TOTAL, "reason", reason)
+            .increment(1);
+    }
+
+    /// Idle upstream connections were closed; `reason` is [`IDLE_TIMEOUT`] or [`POOL_FULL`].
+    pub fn upstream_idle_closed(&self, reason: &'static str, n: u64) {
+        if n > 0 {
+            self.rare(UPSTREAM_IDLE_CLOSED_TOTAL, "reason", reason)
+                .increment(n);
+        }
     }
 }

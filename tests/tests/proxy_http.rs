@@ -1101,5 +1101,11 @@ async fn a_malformed_client_body_is_a_400_counted_as_the_clients() -> R {
         errors, 0.0,
         "a client's error is not the target's:\n{scrape}"
     );
+    let client = prom::value(
+        &scrape,
+        "rig_edge_client_errors_total",
+        &[("edge", "client-body/api"), ("reason", "malformed_body")],
+    );
+    assert_eq!(client, 1.0, "counted as the client's:\n{scrape}");
     Ok(())
 }

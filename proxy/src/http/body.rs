@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
@@ -184,9 +184,126 @@ impl Throttle {
     }
 }
 
+/// The client's request body, cut with [`ClientBodyError::Idle`] when the client sends nothing
+/// for `timeout` while the body is being read, until the target has answered. The wait counts
+/// only while somebody reads: a body held back by a bandwidth throttle is not the client's
+/// delay. Once the response has started, a quiet request stream is the conversation between
+/// client and target (a gRPC bidi stream, an echo), not a stuck upload, and is left alone.
+pub(crate) struct ClientBody {
+    inner: Incoming,
+    timeout: Duration,
+    /// Since when the body has been read without the client sending anything.
+    waiting_since: Option<tokio::time::Instant>,
+    /// Armed at the first wait and only re-armed when it fires early, so a streaming body
+    /// costs no timer update per frame.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Shared with the request's forwarder (absent for bodies that are over at once).
+    watch: Option<Arc<BodyWatch>>,
+}
+
+/// What the forwarder of a request and its body tell each other.
+#[derive(Default)]
+pub(crate) struct BodyWatch {
+    /// How the body failed, for a forwarder whose transport loses the error: an h2 client
+    /// sends the body from a task of its own and reports a body error as a bare stream reset.
+    failure: std::sync::OnceLock<BodyFailure>,
+    /// The target's response head has arrived: the idle timeout no longer applies.
+    answered: std::sync::atomic::AtomicBool,
+}
+
+impl BodyWatch {
+    pub(crate) fn failure(&self) -> Option<BodyFailure> {
+        self.failure.get().copied()
+    }
+
+    pub(crate) fn answered(&self) {
+        self.answered.store(true, Ordering::Relaxed);
+    }
+
+    fn is_answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+/// The kind of a [`ClientBodyError`], kept when the error itself is gone.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BodyFailure {
+    Malformed,
+    Idle(Duration),
+}
+
+impl ClientBody {
+    /// The body of a request and, unless it is over already, what its forwarder watches.
+    pub(crate) fn new(inner: Incoming, timeout: Duration) -> (Self, Option<Arc<BodyWatch>>) {
+        let watch = (!inner.is_end_stream()).then(Arc::<BodyWatch>::default);
+        let body = ClientBody {
+            inner,
+            timeout,
+            waiting_since: None,
+            timer: None,
+            watch: watch.clone(),
+        };
+        (body, watch)
+    }
+
+    fn failed(&self, e: ClientBodyError) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        if let Some(w) = &self.watch {
+            let _ = w.failure.set(e.kind());
+        }
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => return this.failed(ClientBodyError::Read(e)),
+            Poll::Ready(r) => {
+                this.waiting_since = None;
+                return Poll::Ready(r.map(|f| f.map_err(ClientBodyError::Read)));
+            }
+            Poll::Pending => {}
+        }
+        if this.watch.as_ref().is_some_and(|w| w.is_answered()) {
+            this.timer = None;
+            return Poll::Pending;
+        }
+        let deadline = *this
+            .waiting_since
+            .get_or_insert_with(tokio::time::Instant::now)
+            + this.timeout;
+        loop {
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            ready!(timer.as_mut().poll(cx));
+            if tokio::time::Instant::now() >= deadline {
+                return this.failed(ClientBodyError::Idle(this.timeout));
+            }
+            // Armed for an earlier wait that the client ended in time.
+            timer.as_mut().reset(deadline);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The request body on its way to the target.
 pub(crate) struct UpBody {
-    inner: Incoming,
+    inner: ClientBody,
     throttle: Option<Box<Throttle>>,
     metrics: EdgeMetrics,
     /// For the request's event, when somebody listens.
@@ -195,7 +312,7 @@ pub(crate) struct UpBody {
 
 impl UpBody {
     pub(crate) fn new(
-        inner: Incoming,
+        inner: ClientBody,
         throttle: Option<Box<Throttle>>,
         metrics: EdgeMetrics,
         count: Option<Arc<AtomicU64>>,
@@ -209,23 +326,44 @@ impl UpBody {
     }
 }
 
-/// Reading the client's request body failed (a malformed chunk, the client went away): the
-/// client's fault, not the target's, so it is answered 400 and not counted as an upstream error.
+/// Reading the client's request body failed: the client's fault, not the target's, so it is
+/// answered by rig (400, 408) and not counted as an upstream error.
 #[derive(Debug, thiserror::Error)]
-#[error("request body from the client: {0}")]
-pub(crate) struct ClientBodyError(#[source] pub(crate) hyper::Error);
+pub(crate) enum ClientBodyError {
+    /// A malformed chunk, or the client went away mid-body.
+    #[error("request body from the client: {0}")]
+    Read(#[source] hyper::Error),
+    /// The client sent nothing for this long.
+    #[error("the client sent no request body data for {0:?}")]
+    Idle(Duration),
+}
 
 impl ClientBodyError {
-    /// Is `e` (or any of its sources) a failure to read the client's body?
-    pub(crate) fn in_chain(e: &(dyn std::error::Error + 'static)) -> bool {
+    /// The failure to read the client's body in `e` or its sources, if that is what `e` is.
+    pub(crate) fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Self> {
         let mut cur = Some(e);
         while let Some(c) = cur {
-            if c.is::<ClientBodyError>() {
-                return true;
+            if let Some(b) = c.downcast_ref::<ClientBodyError>() {
+                return Some(b);
             }
             cur = c.source();
         }
-        false
+        None
+    }
+
+    pub(crate) fn kind(&self) -> BodyFailure {
+        match self {
+            ClientBodyError::Read(_) => BodyFailure::Malformed,
+            ClientBodyError::Idle(d) => BodyFailure::Idle(*d),
+        }
+    }
+
+    /// The `reason` label of `rig_edge_client_errors_total`.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            ClientBodyError::Read(_) => crate::metrics::CLIENT_MALFORMED_BODY,
+            ClientBodyError::Idle(_) => crate::metrics::CLIENT_BODY_TIMEOUT,
+        }
     }
 }
 
@@ -242,7 +380,6 @@ impl Body for UpBody {
             Some(t) => t.poll_frame(Pin::new(&mut this.inner), cx),
             None => Pin::new(&mut this.inner).poll_frame(cx),
         };
-        let r = r.map(|f| f.map(|f| f.map_err(ClientBodyError)));
         if let Poll::Ready(Some(Ok(frame))) = &r
             && let Some(d) = frame.data_ref()
         {
@@ -345,8 +482,19 @@ impl Body for DownBody {
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                this.obs.ctx.metrics.upstream_error();
-                this.obs.set_failure(format!("upstream response body: {e}"));
+                // The target may answer before it has read the whole request body; a client
+                // that then stalls or sends garbage breaks the response, through no fault of
+                // the target's.
+                match ClientBodyError::find(e) {
+                    Some(c) => {
+                        this.obs.ctx.metrics.client_error(c.reason());
+                        this.obs.set_failure(format!("response cut: {c}"));
+                    }
+                    None => {
+                        this.obs.ctx.metrics.upstream_error();
+                        this.obs.set_failure(format!("upstream response body: {e}"));
+                    }
+                }
                 this.obs.finish();
             }
             Poll::Ready(None) => this.obs.finish(),

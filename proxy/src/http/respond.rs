@@ -2,6 +2,7 @@
 //! HTTP responses or gRPC trailers-only responses, all marked with [`crate::INJECTED_HEADER`].
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -10,11 +11,13 @@ use tracing::debug;
 
 use crate::INJECTED_HEADER;
 use crate::edge::Active;
+use crate::metrics;
 use crate::policy::GrpcCode;
 
 use super::Proxy;
-use super::body::{DownBody, Obs};
+use super::body::{BodyFailure, BodyWatch, ClientBodyError, DownBody, Obs};
 use super::grpc;
+use super::upstream::UpstreamError;
 
 /// Why rig answers a request itself.
 pub(crate) enum Rescue {
@@ -25,10 +28,37 @@ pub(crate) enum Rescue {
     /// A hang with `hang_then = "timeout"` ran its course.
     HangTimeout,
     /// The target could not be reached or failed before answering.
-    Upstream(super::UpstreamError),
+    Upstream(UpstreamError),
     /// A request rig cannot forward.
     BadRequest(&'static str),
+    /// The client's request body could not be read (bad chunking, the client went away).
+    MalformedBody,
+    /// The client's request body sent nothing for this long.
+    BodyTimeout(Duration),
+    /// rig could not open a connection to the target: it is out of file descriptors itself.
+    FdLimit,
 }
+
+impl Rescue {
+    /// Whose failure a request that got no response head from the target is: the client's
+    /// (its body), rig's own (out of descriptors), or the target's.
+    /// `watch` is where the request's body noted its failure, if the error may not carry it.
+    pub(super) fn from_upstream(e: UpstreamError, watch: Option<&BodyWatch>) -> Rescue {
+        let body = ClientBodyError::find(&e)
+            .map(ClientBodyError::kind)
+            .or_else(|| watch.and_then(BodyWatch::failure));
+        match body {
+            Some(BodyFailure::Idle(d)) => Rescue::BodyTimeout(d),
+            Some(BodyFailure::Malformed) => Rescue::MalformedBody,
+            None if e.is_fd_exhausted() => Rescue::FdLimit,
+            None => Rescue::Upstream(e),
+        }
+    }
+}
+
+/// What the client reads when rig itself is out of file descriptors.
+const FD_LIMIT_MESSAGE: &str =
+    "refused by rig: out of file descriptors (fd_limit), raise rigd's RLIMIT_NOFILE";
 
 /// What a made-up answer says, independent of the protocol.
 struct Answer {
@@ -50,6 +80,8 @@ impl Proxy {
         mut obs: Obs,
     ) -> Response<DownBody> {
         let err = active.and_then(|a| a.policy.error.as_ref());
+        // Answer with `connection: close` (HTTP/1; hyper drops it on HTTP/2).
+        let mut close = false;
         let a = match r {
             Rescue::Error { status } => Answer {
                 status: StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
@@ -90,12 +122,58 @@ impl Proxy {
                 }
             }
             Rescue::BadRequest(what) => {
+                self.ctx
+                    .metrics
+                    .client_error(metrics::CLIENT_INVALID_REQUEST);
                 obs.set_failure(what);
                 Answer {
                     status: StatusCode::BAD_REQUEST,
                     code: GrpcCode::Internal,
                     why: "request=invalid",
                     message: what.into(),
+                }
+            }
+            Rescue::MalformedBody => {
+                self.ctx
+                    .metrics
+                    .client_error(metrics::CLIENT_MALFORMED_BODY);
+                close = true;
+                let what = "malformed request body";
+                obs.set_failure(what);
+                Answer {
+                    status: StatusCode::BAD_REQUEST,
+                    code: GrpcCode::Internal,
+                    why: "request=invalid",
+                    message: what.into(),
+                }
+            }
+            Rescue::BodyTimeout(d) => {
+                self.ctx.metrics.client_error(metrics::CLIENT_BODY_TIMEOUT);
+                // The rest of the body may still come: the connection cannot carry another
+                // request.
+                close = true;
+                let message = format!(
+                    "request body timed out: the client sent nothing for {} ms",
+                    d.as_millis()
+                );
+                debug!(edge = %self.ctx.info.edge, error = %message, "client body timed out");
+                obs.set_failure(message.clone());
+                Answer {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    code: GrpcCode::DeadlineExceeded,
+                    why: "request=body_timeout",
+                    message: message.into(),
+                }
+            }
+            Rescue::FdLimit => {
+                self.ctx.metrics.refused_fd_limit();
+                crate::limits::warn_fd_limit(&self.ctx.info.edge, "connection to the target");
+                obs.set_failure(FD_LIMIT_MESSAGE);
+                Answer {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: GrpcCode::Unavailable,
+                    why: "rig=fd_limit",
+                    message: FD_LIMIT_MESSAGE.into(),
                 }
             }
         };
@@ -172,6 +250,9 @@ impl Proxy {
             }
         };
         headers.insert(injected.0, injected.1);
+        if close {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         obs.response_head(a.status, &headers);
         let mut resp = Response::new(DownBody::full(body, obs));
         *resp.status_mut() = a.status;

@@ -8,16 +8,21 @@
 //! and its response cross no task boundary. When the downstream connection closes, an idle
 //! upstream connection gets a task of its own and goes to a small edge-wide stack that the
 //! next new downstream connection takes from, so clients that open a connection per request
-//! still reuse upstream connections. HTTP/2 requests keep using the shared pooled client: one
+//! still reuse upstream connections. The stack is bounded (the oldest connection is closed
+//! when it is full) and a sweeper task closes connections idle longer than the pool idle
+//! timeout, as hyper-util's pool does. HTTP/2 requests keep using the shared pooled client: one
 //! h2 connection multiplexes them all.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -27,6 +32,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::body::UpBody;
+use crate::metrics::{self, EdgeMetrics};
 
 /// An upstream HTTP/1 connection's request half.
 pub(crate) type Sender = SendRequest<UpBody>;
@@ -104,6 +110,28 @@ impl UpstreamError {
             UpstreamError::Pooled(e) => e.is_connect(),
         }
     }
+
+    /// rig itself is out of file descriptors (`EMFILE` / `ENFILE` dialling the target): not the
+    /// target's failure.
+    pub(crate) fn is_fd_exhausted(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            let Some(io) = e.downcast_ref::<io::Error>() else {
+                cur = e.source();
+                continue;
+            };
+            if crate::limits::is_fd_exhausted(io) {
+                return true;
+            }
+            // An io error wrapping another error reports the wrapped one's source, not
+            // the wrapped one, as its source.
+            cur = match io.get_ref() {
+                Some(inner) => Some(inner),
+                None => e.source(),
+            };
+        }
+        false
+    }
 }
 
 /// The HTTP/1 side of an edge's upstream: how to dial, and the idle connections left by closed
@@ -111,32 +139,83 @@ impl UpstreamError {
 pub(crate) struct H1Upstream {
     target: SocketAddr,
     connect_timeout: Duration,
-    idle_timeout: Duration,
     builder: http1::Builder,
-    /// Most recently parked last, so the warmest connection is reused first.
-    idle: Mutex<Vec<(Instant, Sender)>>,
+    idle: Arc<Mutex<IdleStack>>,
+}
+
+/// Idle connections, each with the time it was parked. Dropping a sender ends its
+/// connection's task, which closes the connection.
+struct IdleStack {
+    /// Oldest first; the most recently parked (warmest) one is reused first.
+    conns: VecDeque<(Instant, Sender)>,
+    timeout: Duration,
+    capacity: usize,
+    /// A sweeper task is scheduled.
+    sweeping: bool,
+    metrics: EdgeMetrics,
+}
+
+impl IdleStack {
+    /// Drop the connections idle for `timeout` or closed by the target; the time the next
+    /// one expires, if any is left.
+    fn expire(&mut self, now: Instant) -> Option<Instant> {
+        let before = self.conns.len();
+        let timeout = self.timeout;
+        self.conns
+            .retain(|(since, s)| now.duration_since(*since) < timeout && !s.is_closed());
+        self.metrics
+            .upstream_idle_closed(metrics::IDLE_TIMEOUT, (before - self.conns.len()) as u64);
+        self.conns.front().map(|(since, _)| *since + timeout)
+    }
+}
+
+/// Close idle connections as they expire, until the stack is empty or the edge is gone.
+async fn sweep(idle: Weak<Mutex<IdleStack>>) {
+    loop {
+        let next = {
+            let Some(idle) = idle.upgrade() else { return };
+            let mut g = idle.lock().unwrap_or_else(|e| e.into_inner());
+            match g.expire(Instant::now()) {
+                Some(t) => t,
+                None => {
+                    g.sweeping = false;
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep_until(next).await;
+    }
 }
 
 impl H1Upstream {
+    /// At most `capacity` idle connections are kept, each for at most `idle_timeout`.
     pub(crate) fn new(
         target: SocketAddr,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        capacity: usize,
+        metrics: EdgeMetrics,
     ) -> Self {
         H1Upstream {
             target,
             connect_timeout,
-            idle_timeout,
             builder: http1::Builder::new(),
-            idle: Mutex::default(),
+            idle: Arc::new(Mutex::new(IdleStack {
+                conns: VecDeque::new(),
+                timeout: idle_timeout,
+                capacity,
+                sweeping: false,
+                metrics,
+            })),
         }
     }
 
     /// An idle connection parked by a closed downstream connection, if one is still open.
     fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((since, s)) = idle.pop() {
-            if since.elapsed() < self.idle_timeout && !s.is_closed() {
+        let timeout = idle.timeout;
+        while let Some((since, s)) = idle.conns.pop_back() {
+            if since.elapsed() < timeout && !s.is_closed() {
                 return Some(s);
             }
         }
@@ -147,9 +226,21 @@ impl H1Upstream {
     fn park(&self, sender: Sender) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Oldest first: expired or closed ones are dropped, which closes them.
-        idle.retain(|(since, s)| now.duration_since(*since) < self.idle_timeout && !s.is_closed());
-        idle.push((now, sender));
+        idle.expire(now);
+        if idle.capacity == 0 {
+            idle.metrics.upstream_idle_closed(metrics::POOL_FULL, 1);
+            return;
+        }
+        if idle.conns.len() >= idle.capacity {
+            // Full: the coldest connection goes, it is the next to expire anyway.
+            idle.conns.pop_front();
+            idle.metrics.upstream_idle_closed(metrics::POOL_FULL, 1);
+        }
+        idle.conns.push_back((now, sender));
+        if !idle.sweeping {
+            idle.sweeping = true;
+            tokio::spawn(sweep(Arc::downgrade(&self.idle)));
+        }
     }
 
     /// A new connection whose I/O half is driven by `kept`'s downstream connection task.
@@ -213,5 +304,26 @@ impl H1Upstream {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(code: nix::errno::Errno) -> io::Error {
+        io::Error::from_raw_os_error(code as i32)
+    }
+
+    #[test]
+    fn out_of_descriptors_is_rigs_not_the_targets() {
+        use nix::errno::Errno;
+        assert!(UpstreamError::Connect(os(Errno::EMFILE)).is_fd_exhausted());
+        assert!(UpstreamError::Connect(os(Errno::ENFILE)).is_fd_exhausted());
+        // Found under other errors too (hyper-util's pooled client wraps the io error).
+        let wrapped = io::Error::other(os(Errno::EMFILE));
+        assert!(UpstreamError::Connect(wrapped).is_fd_exhausted());
+        assert!(!UpstreamError::Connect(os(Errno::ECONNREFUSED)).is_fd_exhausted());
+        assert!(!UpstreamError::ConnectTimeout(Duration::from_secs(1)).is_fd_exhausted());
     }
 }
