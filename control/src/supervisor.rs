@@ -322,16 +322,17 @@ fn protection() -> Arc<Protection> {
 #[derive(Debug, Clone)]
 pub struct OrphanProtection {
     pub protection: Arc<Protection>,
-    /// The reaper's pid, if one runs.
-    pub reaper: Option<u32>,
+    /// Whether a reaper runs.
+    pub reaper: bool,
 }
 
 impl fmt::Display for OrphanProtection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.protection)?;
-        match self.reaper {
-            Some(pid) => write!(f, "; reaper pid {pid}"),
-            None => f.write_str("; no reaper (sub-processes outlive a crash until the next rigd)"),
+        if self.reaper {
+            f.write_str("; reaper running")
+        } else {
+            f.write_str("; no reaper (sub-processes outlive a crash until the next rigd)")
         }
     }
 }
@@ -354,7 +355,7 @@ pub fn protect(state_dir: &Path, choice: &CgroupChoice) -> OrphanProtection {
     });
     OrphanProtection {
         protection,
-        reaper: reaper.as_ref().map(|r| r.pid),
+        reaper: reaper.is_some(),
     }
 }
 

@@ -26,6 +26,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use tracing::{error, info, warn};
 
@@ -42,10 +43,9 @@ const POLL: Duration = Duration::from_millis(20);
 /// re-executed as the reaper (test binaries and rigctl cannot).
 static SELF_REAPS: AtomicBool = AtomicBool::new(false);
 
-/// A started reaper: its pid and the write end rigd keeps open for good.
+/// A started reaper: the write end rigd keeps open for good.
 #[derive(Debug)]
 pub(crate) struct Reaper {
-    pub pid: u32,
     _pipe: OwnedFd,
 }
 
@@ -93,18 +93,34 @@ pub(crate) fn start(protection: &Protection, state_dir: &Path) -> io::Result<Opt
         .stdin(Stdio::from(read))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    // Its own session: a Ctrl-C or a kill of rigd's process group must not
-    // take it along.
-    // SAFETY: one setsid(2) in the forked child, async-signal-safe.
+    // Not rigd's child (a double fork: the forked child forks again and
+    // fails on purpose, its child goes on to exec), so that it is nobody's
+    // business among rigd's children and never a zombie of rigd; and in its
+    // own session, so that a Ctrl-C or a kill of rigd's process group does
+    // not take it along.
+    // SAFETY: fork(2) and setsid(2) in the forked child, both
+    // async-signal-safe; errors are io::Errors from raw errnos. The
+    // intermediate child returns an error, which std reports to rigd before
+    // exiting the intermediate child with _exit.
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+        cmd.pre_exec(|| match nix::unistd::fork()? {
+            nix::unistd::ForkResult::Parent { .. } => Err(Errno::ECANCELED.into()),
+            nix::unistd::ForkResult::Child => {
+                nix::unistd::setsid()?;
+                Ok(())
+            }
+        });
     }
-    let child = cmd.spawn()?;
-    Ok(Some(Reaper {
-        pid: child.id(),
-        _pipe: write,
-    }))
+    match cmd.spawn() {
+        Err(e) if e.raw_os_error() == Some(Errno::ECANCELED as i32) => {
+            Ok(Some(Reaper { _pipe: write }))
+        }
+        Err(e) => Err(e),
+        // The first child always fails; should it exec after all, it is a
+        // reaper too (only rigd's child).
+        Ok(_) => Ok(Some(Reaper { _pipe: write })),
+    }
 }
 
 /// What one reaper watches over.
