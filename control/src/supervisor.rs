@@ -13,7 +13,15 @@
 //!   record in a state directory ([`init`], [`Child::spawn_recorded`]), and
 //!   [`sweep_orphans`] (run by [`init`] when rigd starts) kills the groups a
 //!   dead rigd left;
-//! - dropping a [`Child`] that is still running SIGKILLs its group.
+//! - what leaves the process group (`setsid` daemons) is still held, by a
+//!   cgroup v2 per service or, without one, by the [`MARKER_VAR`] variable in
+//!   the environment (see [`Protection`]); once the child and its group are
+//!   gone, what is left there is SIGKILLed;
+//! - a reaper process ([`protect`], [`reaper_dispatch`]) outlives rigd and,
+//!   when rigd dies, kills rigd's cgroup, recorded groups and marked
+//!   processes within moments, instead of waiting for the next rigd;
+//! - dropping a [`Child`] that is still running SIGKILLs its group (and its
+//!   cgroup).
 //!
 //! Output: stdout and stderr are read line by line into [`LogLine`]s, kept in
 //! a ring buffer of the last [`RECENT_LOG_LINES`] lines
@@ -32,8 +40,10 @@
 //!   the end of the stream) one line on the stream says how many were
 //!   dropped since the last such notice.
 
+mod contain;
 mod logs;
 mod procfs;
+mod reaper;
 mod record;
 mod spawner;
 
@@ -43,7 +53,7 @@ use std::io;
 use std::num::NonZeroU32;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use nix::errno::Errno;
@@ -55,6 +65,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
+pub use contain::{CGROUP_ENV, CgroupChoice, KILL_WAIT, MARKER_VAR, Protection};
+pub use reaper::{Job as ReaperJob, REAP_ARG};
 pub use record::{ChildRecord, sweep_orphans};
 
 use logs::{Outlet, RecentLogs};
@@ -80,8 +92,6 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// How often to look whether a process group is gone.
 const GROUP_POLL: Duration = Duration::from_millis(20);
-/// How long to wait for a SIGKILLed group to disappear.
-const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long to wait, once the group is gone, for the last output to be read.
 /// Bounded: a descendant that left the group (setsid) may hold the pipes.
 const LOG_DRAIN: Duration = Duration::from_secs(1);
@@ -295,6 +305,66 @@ pub fn init(state_dir: &Path) -> io::Result<usize> {
     Ok(killed)
 }
 
+/// The protection [`Child::spawn`] and [`Child::spawn_recorded`] use: the one
+/// [`protect`] set up, else (nothing set up yet) the environment marker.
+static PROTECTION: OnceLock<Arc<Protection>> = OnceLock::new();
+/// The reaper [`protect`] started (kept for good: dropping it would close the
+/// pipe and make the reaper act).
+static REAPER: OnceLock<Option<reaper::Reaper>> = OnceLock::new();
+
+fn protection() -> Arc<Protection> {
+    PROTECTION
+        .get_or_init(|| Arc::new(Protection::new(&CgroupChoice::Off)))
+        .clone()
+}
+
+/// What [`protect`] put in place; its `Display` is rigd's start-up line.
+#[derive(Debug, Clone)]
+pub struct OrphanProtection {
+    pub protection: Arc<Protection>,
+    /// Whether a reaper runs.
+    pub reaper: bool,
+}
+
+impl fmt::Display for OrphanProtection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.protection)?;
+        if self.reaper {
+            f.write_str("; reaper running")
+        } else {
+            f.write_str("; no reaper (sub-processes outlive a crash until the next rigd)")
+        }
+    }
+}
+
+/// Sets up, once per process, how this rigd keeps hold of what its services
+/// start: a cgroup per `choice` or the environment marker ([`Protection`]),
+/// and, when this executable is rigd (it called [`reaper_dispatch`]), the
+/// reaper that ends all of it when rigd dies. Later calls return the first
+/// setup. Call before spawning anything.
+pub fn protect(state_dir: &Path, choice: &CgroupChoice) -> OrphanProtection {
+    let protection = PROTECTION
+        .get_or_init(|| Arc::new(Protection::new(choice)))
+        .clone();
+    let reaper = REAPER.get_or_init(|| match reaper::start(&protection, state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "cannot start the reaper; sub-processes may outlive a crashed rigd until the next one starts");
+            None
+        }
+    });
+    OrphanProtection {
+        protection,
+        reaper: reaper.is_some(),
+    }
+}
+
+/// Call first thing in rigd's `main`: runs the reaper and returns its exit
+/// code when rigd was started as one (`rigd __reap ...`), else `None`.
+pub fn reaper_dispatch() -> Option<std::process::ExitCode> {
+    reaper::dispatch()
+}
+
 /// A running (or finished) service process.
 ///
 /// Dropping it while the process still runs SIGKILLs its process group.
@@ -303,6 +373,7 @@ pub struct Child {
     service: String,
     pid: u32,
     pgid: Pid,
+    cgroup: Option<PathBuf>,
     stop_grace: Duration,
     exit: watch::Receiver<Option<ExitInfo>>,
     recent: Arc<RecentLogs>,
@@ -329,17 +400,46 @@ impl Child {
         logs: impl Into<LogOutput>,
         state_dir: Option<&Path>,
     ) -> Result<Child, SpawnError> {
+        Child::spawn_protected(spec, logs, state_dir, &protection())
+    }
+
+    /// Like [`Child::spawn_recorded`], with `protection` instead of the one
+    /// [`protect`] set up.
+    pub fn spawn_protected(
+        spec: ProcessSpec,
+        logs: impl Into<LogOutput>,
+        state_dir: Option<&Path>,
+        protection: &Arc<Protection>,
+    ) -> Result<Child, SpawnError> {
         let logs = logs.into();
         let handle = Handle::try_current().map_err(|_| SpawnError::NoRuntime {
             service: spec.name.clone(),
         })?;
-        let (cmd, program) = spawner::prepare(&spec)?;
+        let mut placement = protection.place(&spec.name);
+        let unplace = |placement: &contain::Placement| {
+            if let Some(dir) = &placement.cgroup {
+                contain::remove_cgroup_tree(dir);
+            }
+        };
+        let (cmd, program) = match spawner::prepare(&spec, &mut placement) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                unplace(&placement);
+                return Err(e);
+            }
+        };
         let start_error = |source| SpawnError::Start {
             service: spec.name.clone(),
             program: spec.argv[0].clone(),
             source,
         };
-        let mut child = spawner::spawn(cmd, handle.clone()).map_err(start_error)?;
+        let mut child = match spawner::spawn(cmd, handle.clone()) {
+            Ok(child) => child,
+            Err(e) => {
+                unplace(&placement);
+                return Err(start_error(e));
+            }
+        };
         let pid = child
             .id()
             .ok_or_else(|| start_error(io::Error::other("the child has no pid")))?;
@@ -378,6 +478,9 @@ impl Child {
             stop_deadline: stop_deadline.clone(),
             pumps,
             record,
+            marker: placement.marker,
+            cgroup: placement.cgroup.clone(),
+            _protection: protection.clone(),
             exit: exit_tx,
         }));
         info!(service = %spec.name, pid, program = %program.display(), "service started");
@@ -385,6 +488,7 @@ impl Child {
             service: spec.name,
             pid,
             pgid,
+            cgroup: placement.cgroup,
             stop_grace: spec.stop_grace,
             exit: exit_rx,
             recent,
@@ -451,6 +555,11 @@ impl Drop for Child {
         if self.try_exit().is_none() {
             debug!(service = %self.service, pid = self.pid, "child handle dropped: SIGKILL to the process group");
             signal_group(&self.service, self.pgid, Signal::SIGKILL);
+            if let Some(dir) = &self.cgroup
+                && let Err(e) = contain::kill_cgroup(dir)
+            {
+                debug!(service = %self.service, error = %e, "cannot write cgroup.kill");
+            }
         }
     }
 }
@@ -474,10 +583,17 @@ struct Supervised {
     stop_deadline: Arc<Mutex<Option<Instant>>>,
     pumps: Vec<JoinHandle<()>>,
     record: Option<PathBuf>,
+    /// The child's [`MARKER_VAR`] value.
+    marker: String,
+    /// The child's own cgroup, if any.
+    cgroup: Option<PathBuf>,
+    /// Keeps rigd's cgroup (the parent of `cgroup`) until the child is done.
+    _protection: Arc<Protection>,
     exit: watch::Sender<Option<ExitInfo>>,
 }
 
-/// Waits for the child, clears out its process group, lets the output drain,
+/// Waits for the child, clears out its process group, then what left the
+/// group (its cgroup, or its marked processes), lets the output drain,
 /// removes the record, then publishes the exit.
 async fn supervise(mut s: Supervised) {
     let info = match s.child.wait().await {
@@ -488,6 +604,13 @@ async fn supervise(mut s: Supervised) {
         }
     };
     clear_group(&s).await;
+    // A daemon that left the group was still started by the service: it goes
+    // with it (SIGKILL: it got no stop signal of its own, but the service is
+    // over). Before the drain, as such a daemon may hold the output pipes.
+    match &s.cgroup {
+        Some(dir) => contain::end_service_cgroup(&s.service, dir).await,
+        None => contain::end_marked(&s.service, &s.marker).await,
+    }
     let drain = async {
         for pump in s.pumps.drain(..) {
             let _ = pump.await;

@@ -43,6 +43,10 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // `rigd __reap ...`: rigd re-executed as its own reaper (see rig_control::supervisor).
+    if let Some(code) = rig_control::supervisor::reaper_dispatch() {
+        return code;
+    }
     let args = Args::parse();
     let listen = match daemon::parse_addr(&args.listen) {
         Ok(a) => a,

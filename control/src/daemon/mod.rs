@@ -216,6 +216,9 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
     if swept > 0 {
         tracing::warn!(swept, "killed process groups left by a previous rigd");
     }
+    let protection =
+        crate::supervisor::protect(&children_dir, &crate::supervisor::CgroupChoice::from_env());
+    tracing::info!("orphan protection: {protection}");
 
     let mut all_presets = presets::builtin();
     if let Some(dir) = &cfg.presets_dir {

@@ -1,7 +1,10 @@
 //! The little of `/proc` the supervisor needs: process start times (to tell a
-//! live process from a recycled pid) and process-group membership.
+//! live process from a recycled pid), process-group membership, and the
+//! environment marker of a process.
 
+use std::ffi::OsStr;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -84,6 +87,38 @@ fn live_member(pgid: i32) -> Option<bool> {
         }
     }
     Some(false)
+}
+
+/// The live processes whose environment (as they were started with) has
+/// `var` with a value that `matches`. Processes whose environment cannot be
+/// read (another user's, or gone meanwhile) are skipped.
+pub(crate) fn pids_with_env(var: &str, matches: &dyn Fn(&OsStr) -> bool) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut prefix = var.as_bytes().to_vec();
+    prefix.push(b'=');
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let hit = environ
+            .split(|&b| b == 0)
+            .filter_map(|kv| kv.strip_prefix(prefix.as_slice()))
+            .any(|value| matches(OsStr::from_bytes(value)));
+        if hit && stat(pid).is_some_and(|s| !s.is_zombie()) {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 #[cfg(test)]

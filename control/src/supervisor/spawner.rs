@@ -1,9 +1,10 @@
-//! Building the child's command (program lookup, environment, process group,
-//! death signal) and forking it from one long-lived thread.
+//! Building the child's command (program lookup, environment, marker, cgroup,
+//! process group, death signal) and forking it from one long-lived thread.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -19,14 +20,20 @@ use nix::unistd::{getpid, getppid};
 use tokio::runtime::Handle;
 use tracing::error;
 
+use super::contain::{MARKER_VAR, Placement};
 use super::{ProcessSpec, SpawnError};
 
 /// PATH when neither the spec nor rigd's environment has one (what `execvp`
 /// falls back to).
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// The command to fork for `spec`, and the program it will execute.
-pub(crate) fn prepare(spec: &ProcessSpec) -> Result<(Command, PathBuf), SpawnError> {
+/// The command to fork for `spec`, and the program it will execute; the child
+/// carries `placement`'s marker and joins its cgroup (whose open
+/// `cgroup.procs` it takes).
+pub(crate) fn prepare(
+    spec: &ProcessSpec,
+    placement: &mut Placement,
+) -> Result<(Command, PathBuf), SpawnError> {
     let service = spec.name.clone();
     let argv0 = spec.argv.first().ok_or_else(|| SpawnError::EmptyCommand {
         service: service.clone(),
@@ -58,6 +65,10 @@ pub(crate) fn prepare(spec: &ProcessSpec) -> Result<(Command, PathBuf), SpawnErr
         .args(&spec.argv[1..])
         .envs(&spec.env)
         .env("PATH", &path)
+        // After the spec's variables (and any removal of inherited ones): the
+        // marker must be the supervisor's, whatever the spec or rigd's
+        // environment says.
+        .env(MARKER_VAR, &placement.marker)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -65,6 +76,9 @@ pub(crate) fn prepare(spec: &ProcessSpec) -> Result<(Command, PathBuf), SpawnErr
         .process_group(0);
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
+    }
+    if let Some(procs) = placement.procs.take() {
+        join_cgroup(&mut cmd, procs);
     }
     die_with_parent(&mut cmd);
     Ok((cmd, program))
@@ -176,6 +190,22 @@ fn check_executable(path: &Path) -> io::Result<()> {
         return Err(io::ErrorKind::PermissionDenied.into());
     }
     Ok(())
+}
+
+/// Moves the child into the cgroup whose `cgroup.procs` is `procs` before it
+/// executes anything, so that all it starts is born inside.
+#[allow(unsafe_code)]
+fn join_cgroup(cmd: &mut Command, procs: OwnedFd) {
+    // SAFETY: the closure runs in the forked child before exec: one write(2)
+    // to a descriptor opened before the fork ("0" means the writer itself),
+    // and an io::Error from a raw errno on failure: no allocation, no locks.
+    // The descriptor is close-on-exec, and closed in rigd when `cmd` drops.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::write(&procs, b"0")?;
+            Ok(())
+        });
+    }
 }
 
 /// Makes the kernel SIGKILL the child when rigd dies, however it dies.
