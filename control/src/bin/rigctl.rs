@@ -13,6 +13,11 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    // `rigctl __reap ...`: the reaper of a rigd embedded in `rigctl up` (see
+    // rig_control::supervisor).
+    if let Some(code) = rig_control::supervisor::reaper_dispatch() {
+        return code;
+    }
     match rig_control::cli::run().await {
         Ok(()) => ExitCode::SUCCESS,
         // `rigctl events | head`: the reader left, which is not a failure.
