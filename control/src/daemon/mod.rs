@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::eventlog::EventLog;
 use crate::presets::{self, Preset};
+use crate::registry::runtime::LocalProcesses;
 use crate::registry::{Deps, Registry, spawn_event_pump};
 use crate::secret::Secret;
 
@@ -250,7 +251,9 @@ pub async fn start(cfg: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
     let deps = Deps {
         log: log.clone(),
         proxy_events: proxy_events.clone(),
-        children_dir: children_dir.clone(),
+        runtime: Arc::new(LocalProcesses {
+            children_dir: children_dir.clone(),
+        }),
     };
     let shared = Arc::new(Shared {
         envs: Registry::new(deps.clone()),

@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use rig_proxy::events::EventSender;
 use rig_proxy::policy::{ChaosSpec, PolicyError, Protocol};
@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::error::RegistryError;
+use super::runtime::{Launch, Runtime, ServiceRuntime};
 use super::view::{
     EdgeChaos, EdgeView, EnvState, EnvView, IngressView, Selector, ServiceState, ServiceView,
     SpecSource, UpStep,
@@ -25,7 +26,7 @@ use crate::eventlog::{EventLog, NewEvent};
 use crate::events::EventData;
 use crate::probe::wait_ready;
 use crate::spec::{self, Readiness, Spec, derive_seed};
-use crate::supervisor::{Child, LOG_QUEUE_LINES, LogLine, LogOutput, ProcessSpec};
+use crate::supervisor::{LOG_QUEUE_LINES, LogLine, LogOutput};
 
 /// What the registry needs from the daemon around it.
 #[derive(Debug, Clone)]
@@ -34,8 +35,8 @@ pub struct Deps {
     pub log: Arc<EventLog>,
     /// Where the edges' proxies send their events.
     pub proxy_events: EventSender,
-    /// Where the supervisor keeps its records of children.
-    pub children_dir: PathBuf,
+    /// How services run.
+    pub runtime: Arc<dyn Runtime>,
 }
 
 /// The running environments, by name.
@@ -64,12 +65,11 @@ pub struct Env {
 #[derive(Debug)]
 struct ServiceRt {
     name: String,
-    command: Vec<String>,
-    cwd: PathBuf,
-    env: BTreeMap<String, String>,
-    stop_grace: Duration,
+    /// What to run (the result of wiring).
+    launch: Launch,
     ingresses: Vec<(String, Protocol, SocketAddr, Readiness)>,
-    child: Mutex<Option<Arc<Child>>>,
+    /// The running service, once started.
+    runtime: Mutex<Option<Arc<dyn ServiceRuntime>>>,
     state: Mutex<ServiceState>,
     exit: Mutex<Option<String>>,
 }
@@ -211,6 +211,8 @@ impl Registry {
         }
     }
 
+    /// The bring-up, in its phases: allocate addresses, start the edge proxies, wire each
+    /// service, launch level by level (each waiting for readiness), then watch.
     async fn start(
         &self,
         spec: &Spec,
@@ -220,135 +222,20 @@ impl Registry {
         cancel: CancellationToken,
     ) -> Result<Arc<Env>, RegistryError> {
         let deps = &self.deps;
-        let env_name = spec.name.clone();
-        // 1. Addresses: every ingress gets its port (held until its service starts, so no other
-        //    process takes it meanwhile); every observed edge gets a proxy that keeps its listener.
-        let mut held: HashMap<(String, String), TcpListener> = HashMap::new();
-        let mut addrs: HashMap<(String, String), SocketAddr> = HashMap::new();
-        for svc in spec.services.values() {
-            for ing in svc.ingresses.values() {
-                let addr = match ing.port {
-                    Some(p) => SocketAddr::from(([127, 0, 0, 1], p)),
-                    None => {
-                        let port_error = |source| RegistryError::Port {
-                            what: "port",
-                            source,
-                        };
-                        let l = free_port().await.map_err(port_error)?;
-                        let a = l.local_addr().map_err(port_error)?;
-                        held.insert((svc.name.clone(), ing.name.clone()), l);
-                        a
-                    }
-                };
-                addrs.insert((svc.name.clone(), ing.name.clone()), addr);
-            }
-        }
-        let mut edges = BTreeMap::new();
-        for (svc, eg) in spec.edges() {
-            let edge_name = format!("{}/{}", svc.name, eg.name);
-            let target_addr = addrs[&(eg.service.clone(), eg.ingress.clone())];
-            let info = EdgeInfo {
-                env: env_name.clone(),
-                edge: edge_name.clone(),
-                source: svc.name.clone(),
-                egress: eg.name.clone(),
-                target: eg.service.clone(),
-                ingress: eg.ingress.clone(),
-                protocol: eg.protocol,
-            };
-            let (proxy, wired_addr) = if eg.observe {
-                let listener = free_port().await.map_err(|source| RegistryError::Port {
-                    what: "proxy port",
-                    source,
-                })?;
-                let edge = Edge::start(
-                    EdgeConfig {
-                        info,
-                        target: target_addr,
-                        chaos: eg.chaos.clone(),
-                    },
-                    listener,
-                    deps.proxy_events.clone(),
-                )
-                .map_err(|e| RegistryError::Edge {
-                    edge: edge_name.clone(),
-                    message: e.to_string(),
-                })?;
-                let a = edge.local_addr();
-                (Some(edge), a)
-            } else {
-                (None, target_addr)
-            };
-            edges.insert(
-                edge_name.clone(),
-                EdgeRt {
-                    name: edge_name,
-                    source: svc.name.clone(),
-                    egress: eg.name.clone(),
-                    target: eg.service.clone(),
-                    ingress: eg.ingress.clone(),
-                    protocol: eg.protocol,
-                    target_addr,
-                    wired_addr,
-                    proxy,
-                },
-            );
-        }
+        let (mut held, addrs) = allocate(spec).await?;
+        let edges = start_proxies(deps, spec, &addrs).await?;
+        let observed = edges.values().filter(|e| e.proxy.is_some()).count();
         report(
             progress,
-            &env_name,
+            &spec.name,
             "",
             "proxies-ready",
-            proxies_listening(edges.values().filter(|e| e.proxy.is_some()).count()),
+            proxies_listening(observed),
         )
         .await;
-
-        // 2. Each service's environment and command.
-        let wired = wiring::Addresses {
-            ingresses: addrs.clone(),
-            edges: edges
-                .values()
-                .map(|e| {
-                    let w = wiring::WiredEdge {
-                        addr: e.wired_addr,
-                        target: e.target_addr,
-                        observed: e.proxy.is_some(),
-                    };
-                    (e.name.clone(), w)
-                })
-                .collect(),
-        };
-        let mut services = Vec::new();
-        for level in &spec.order {
-            for name in level {
-                let svc = &spec.services[name];
-                let launch =
-                    wiring::service_env(spec, svc, &wired, base_dir, |k| std::env::var(k).ok())?;
-                let ingresses = svc
-                    .ingresses
-                    .values()
-                    .map(|ing| {
-                        let addr = addrs[&(svc.name.clone(), ing.name.clone())];
-                        (ing.name.clone(), ing.protocol, addr, ing.ready.clone())
-                    })
-                    .collect();
-                let wiring::ServiceLaunch { env, command, cwd } = launch;
-                services.push(Arc::new(ServiceRt {
-                    name: svc.name.clone(),
-                    command,
-                    cwd,
-                    env,
-                    stop_grace: svc.stop_grace,
-                    ingresses,
-                    child: Mutex::new(None),
-                    state: Mutex::new(ServiceState::Pending),
-                    exit: Mutex::new(None),
-                }));
-            }
-        }
-
+        let services = wire(spec, &addrs, &edges, base_dir)?;
         let env = Arc::new(Env {
-            name: env_name.clone(),
+            name: spec.name.clone(),
             origin: origin.into(),
             seed: spec.seed,
             started_at: SystemTime::now(),
@@ -359,117 +246,42 @@ impl Registry {
             edges,
             cancel,
         });
-
-        // 3. Logs of every service become `service.log` events.
-        let (log_tx, mut log_rx) = mpsc::channel::<LogLine>(LOG_QUEUE_LINES);
-        {
-            let log = deps.log.clone();
-            let env_name = env_name.clone();
-            tokio::spawn(async move {
-                while let Some(line) = log_rx.recv().await {
-                    let stream = format!("{:?}", line.stream).to_ascii_lowercase();
-                    log.publish(NewEvent::service(
-                        &env_name,
-                        &line.service,
-                        EventData::ServiceLog {
-                            stream,
-                            line: line.line,
-                        },
-                    ));
-                }
-            });
-        }
-
-        // 4. Start level by level; the services of one level in parallel.
-        for level in &spec.order {
-            let mut starts = Vec::new();
-            for name in level {
-                let svc = env.services.iter().find(|s| &s.name == name).cloned();
-                let Some(svc) = svc else { continue };
-                for (ing, ..) in &svc.ingresses {
-                    // Release the held port just before the service binds it.
-                    held.remove(&(svc.name.clone(), ing.clone()));
-                }
-                let deps = deps.clone();
-                let env_name = env_name.clone();
-                let progress = progress.clone();
-                let log_tx = log_tx.clone();
-                starts.push(tokio::spawn(async move {
-                    start_service(&deps, &env_name, &svc, &progress, log_tx).await
-                }));
-            }
-            let mut failure = None;
-            for s in starts {
-                match s.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => failure = failure.or(Some(e)),
-                    Err(e) => failure = failure.or(Some(RegistryError::Task(e.to_string()))),
-                }
-            }
-            if let Some(e) = failure {
-                *lock(&env.state) = EnvState::Stopping;
-                stop_env(&env).await;
-                let reason = match &e {
-                    RegistryError::ServiceFailed { message, .. } => message.clone(),
-                    e => e.to_string(),
-                };
-                publish(
-                    &deps.log,
-                    &env_name,
-                    "",
-                    EventData::EnvironmentDown {
-                        reason: Some(reason),
-                        stopped: None,
-                    },
-                );
-                return Err(e);
-            }
+        if let Err(e) = launch(deps, &env, &mut held, progress).await {
+            *lock(&env.state) = EnvState::Stopping;
+            stop_env(&env).await;
+            let reason = match &e {
+                RegistryError::ServiceFailed { message, .. } => message.clone(),
+                e => e.to_string(),
+            };
+            publish(
+                &deps.log,
+                &env.name,
+                "",
+                EventData::EnvironmentDown {
+                    reason: Some(reason),
+                    stopped: None,
+                },
+            );
+            return Err(e);
         }
         *lock(&env.state) = EnvState::Up;
-
-        // 5. Watch every service for an unexpected exit.
-        for svc in &env.services {
-            let Some(child) = lock(&svc.child).clone() else {
-                continue;
-            };
-            let svc = svc.clone();
-            let env2 = env.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = env2.cancel.cancelled() => {}
-                    exit = child.wait_exit() => {
-                        if env2.cancel.is_cancelled() { return; }
-                        let why = exit.to_string();
-                        *lock(&svc.state) = ServiceState::Exited;
-                        *lock(&svc.exit) = Some(why.clone());
-                        *lock(&env2.state) = EnvState::Degraded;
-                        metrics::gauge!("rig_service_up", "env" => env2.name.clone(), "service" => svc.name.clone()).set(0.0);
-                        metrics::gauge!("rig_service_ready", "env" => env2.name.clone(), "service" => svc.name.clone()).set(0.0);
-                        metrics::counter!("rig_service_exits_total", "env" => env2.name.clone(), "service" => svc.name.clone()).increment(1);
-                        let last: Vec<String> = child.recent_logs().iter().rev().take(10).rev().map(|l| l.line.clone()).collect();
-                        publish(&env2.log, &env2.name, &svc.name, EventData::ServiceFailed { reason: None, exit: Some(why), last_logs: last });
-                    }
-                }
-            });
-        }
-
-        let n = env.services.len();
+        watch(&env);
         publish(
             &deps.log,
-            &env_name,
+            &env.name,
             "",
             EventData::EnvironmentUp {
                 origin: origin.to_string(),
-                services: n as u64,
+                services: env.services.len() as u64,
                 edges: env.edges.len() as u64,
             },
         );
         let _ = progress
             .send(UpStep {
-                env: env_name.clone(),
+                env: env.name.clone(),
                 service: String::new(),
                 state: "up",
-                message: format!("{env_name} is up"),
+                message: format!("{} is up", env.name),
                 last_logs: Vec::new(),
                 environment: Some(env.status()),
             })
@@ -524,6 +336,247 @@ impl Registry {
     }
 }
 
+/// Ports listening for ingresses, held until their service starts (so that no other process
+/// takes them meanwhile), by (service, ingress).
+type Held = HashMap<(String, String), TcpListener>;
+/// The address of every ingress, by (service, ingress).
+type IngressAddrs = HashMap<(String, String), SocketAddr>;
+
+/// Phase 1: every ingress gets its address (a fixed port, or a free one held open).
+async fn allocate(spec: &Spec) -> Result<(Held, IngressAddrs), RegistryError> {
+    let mut held = Held::new();
+    let mut addrs = IngressAddrs::new();
+    for svc in spec.services.values() {
+        for ing in svc.ingresses.values() {
+            let key = (svc.name.clone(), ing.name.clone());
+            let addr = match ing.port {
+                Some(p) => SocketAddr::from(([127, 0, 0, 1], p)),
+                None => {
+                    let port_error = |source| RegistryError::Port {
+                        what: "port",
+                        source,
+                    };
+                    let l = free_port().await.map_err(port_error)?;
+                    let a = l.local_addr().map_err(port_error)?;
+                    held.insert(key.clone(), l);
+                    a
+                }
+            };
+            addrs.insert(key, addr);
+        }
+    }
+    Ok((held, addrs))
+}
+
+/// Phase 2: every observed edge gets a proxy listening on a free port.
+async fn start_proxies(
+    deps: &Deps,
+    spec: &Spec,
+    addrs: &IngressAddrs,
+) -> Result<BTreeMap<String, EdgeRt>, RegistryError> {
+    let mut edges = BTreeMap::new();
+    for (svc, eg) in spec.edges() {
+        let edge_name = format!("{}/{}", svc.name, eg.name);
+        let target_addr = addrs[&(eg.service.clone(), eg.ingress.clone())];
+        let (proxy, wired_addr) = if eg.observe {
+            let listener = free_port().await.map_err(|source| RegistryError::Port {
+                what: "proxy port",
+                source,
+            })?;
+            let info = EdgeInfo {
+                env: spec.name.clone(),
+                edge: edge_name.clone(),
+                source: svc.name.clone(),
+                egress: eg.name.clone(),
+                target: eg.service.clone(),
+                ingress: eg.ingress.clone(),
+                protocol: eg.protocol,
+            };
+            let config = EdgeConfig {
+                info,
+                target: target_addr,
+                chaos: eg.chaos.clone(),
+            };
+            let edge = Edge::start(config, listener, deps.proxy_events.clone()).map_err(|e| {
+                RegistryError::Edge {
+                    edge: edge_name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            let a = edge.local_addr();
+            (Some(edge), a)
+        } else {
+            (None, target_addr)
+        };
+        edges.insert(
+            edge_name.clone(),
+            EdgeRt {
+                name: edge_name,
+                source: svc.name.clone(),
+                egress: eg.name.clone(),
+                target: eg.service.clone(),
+                ingress: eg.ingress.clone(),
+                protocol: eg.protocol,
+                target_addr,
+                wired_addr,
+                proxy,
+            },
+        );
+    }
+    Ok(edges)
+}
+
+/// Phase 3: each service's environment, command and working directory ([`wiring`], pure), in
+/// start order.
+fn wire(
+    spec: &Spec,
+    addrs: &IngressAddrs,
+    edges: &BTreeMap<String, EdgeRt>,
+    base_dir: &Path,
+) -> Result<Vec<Arc<ServiceRt>>, RegistryError> {
+    let wired = wiring::Addresses {
+        ingresses: addrs.clone(),
+        edges: edges
+            .values()
+            .map(|e| {
+                let w = wiring::WiredEdge {
+                    addr: e.wired_addr,
+                    target: e.target_addr,
+                    observed: e.proxy.is_some(),
+                };
+                (e.name.clone(), w)
+            })
+            .collect(),
+    };
+    let mut services = Vec::new();
+    for name in spec.order.iter().flatten() {
+        let svc = &spec.services[name];
+        let wiring::ServiceLaunch { env, command, cwd } =
+            wiring::service_env(spec, svc, &wired, base_dir, |k| std::env::var(k).ok())?;
+        let ingresses = svc
+            .ingresses
+            .values()
+            .map(|ing| {
+                let addr = addrs[&(svc.name.clone(), ing.name.clone())];
+                (ing.name.clone(), ing.protocol, addr, ing.ready.clone())
+            })
+            .collect();
+        services.push(Arc::new(ServiceRt {
+            launch: Launch {
+                service: svc.name.clone(),
+                command,
+                cwd,
+                env,
+                stop_grace: svc.stop_grace,
+            },
+            name: svc.name.clone(),
+            ingresses,
+            runtime: Mutex::new(None),
+            state: Mutex::new(ServiceState::Pending),
+            exit: Mutex::new(None),
+        }));
+    }
+    Ok(services)
+}
+
+/// Phase 4: start level by level, the services of one level in parallel, each released from
+/// its held ports just before it starts and waited for until ready. The logs of every service
+/// become `service.log` events.
+async fn launch(
+    deps: &Deps,
+    env: &Arc<Env>,
+    held: &mut Held,
+    progress: &Progress,
+) -> Result<(), RegistryError> {
+    let log_tx = spawn_log_pump(deps, &env.name);
+    for level in &env.order {
+        let mut starts = Vec::new();
+        for name in level {
+            let Some(svc) = env.services.iter().find(|s| &s.name == name).cloned() else {
+                continue;
+            };
+            for (ing, ..) in &svc.ingresses {
+                held.remove(&(svc.name.clone(), ing.clone()));
+            }
+            let deps = deps.clone();
+            let env_name = env.name.clone();
+            let progress = progress.clone();
+            let log_tx = log_tx.clone();
+            starts.push(tokio::spawn(async move {
+                start_service(&deps, &env_name, &svc, &progress, log_tx).await
+            }));
+        }
+        let mut failure = None;
+        for s in starts {
+            let r = s
+                .await
+                .unwrap_or_else(|e| Err(RegistryError::Task(e.to_string())));
+            if let Err(e) = r {
+                failure = failure.or(Some(e));
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// The task that turns the lines of an environment's services into `service.log` events; its
+/// channel holds at most [`LOG_QUEUE_LINES`] (the supervisor drops and counts the rest).
+fn spawn_log_pump(deps: &Deps, env_name: &str) -> mpsc::Sender<LogLine> {
+    let (log_tx, mut log_rx) = mpsc::channel::<LogLine>(LOG_QUEUE_LINES);
+    let log = deps.log.clone();
+    let env_name = env_name.to_string();
+    tokio::spawn(async move {
+        while let Some(line) = log_rx.recv().await {
+            let stream = format!("{:?}", line.stream).to_ascii_lowercase();
+            log.publish(NewEvent::service(
+                &env_name,
+                &line.service,
+                EventData::ServiceLog {
+                    stream,
+                    line: line.line,
+                },
+            ));
+        }
+    });
+    log_tx
+}
+
+/// Phase 5: watch every service for an exit of its own: the service is `exited`, the
+/// environment `degraded`, and an event says how it ended with its last lines.
+fn watch(env: &Arc<Env>) {
+    for svc in &env.services {
+        let Some(rt) = lock(&svc.runtime).clone() else {
+            continue;
+        };
+        let svc = svc.clone();
+        let env = env.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = env.cancel.cancelled() => {}
+                why = rt.wait_exit() => {
+                    if env.cancel.is_cancelled() {
+                        return;
+                    }
+                    *lock(&svc.state) = ServiceState::Exited;
+                    *lock(&svc.exit) = Some(why.clone());
+                    *lock(&env.state) = EnvState::Degraded;
+                    let labels = [("env", env.name.clone()), ("service", svc.name.clone())];
+                    metrics::gauge!("rig_service_up", &labels).set(0.0);
+                    metrics::gauge!("rig_service_ready", &labels).set(0.0);
+                    metrics::counter!("rig_service_exits_total", &labels).increment(1);
+                    let logs = rt.recent_logs();
+                    let last = logs[logs.len().saturating_sub(10)..].to_vec();
+                    let data = EventData::ServiceFailed { reason: None, exit: Some(why), last_logs: last };
+                    publish(&env.log, &env.name, &svc.name, data);
+                }
+            }
+        });
+    }
+}
+
 fn resolve_name(envs: &BTreeMap<String, Arc<Env>>, name: &str) -> Result<String, RegistryError> {
     if !name.is_empty() {
         if envs.contains_key(name) {
@@ -565,64 +618,45 @@ async fn start_service(
 ) -> Result<(), RegistryError> {
     let log = &deps.log;
     let started = Instant::now();
+    let command = svc.launch.command.clone();
     *lock(&svc.state) = ServiceState::Starting;
-    report(
-        progress,
-        env_name,
-        &svc.name,
-        "starting",
-        svc.command.join(" "),
-    )
-    .await;
+    report(progress, env_name, &svc.name, "starting", command.join(" ")).await;
     publish(
         log,
         env_name,
         &svc.name,
-        EventData::ServiceStarting {
-            command: svc.command.clone(),
-        },
+        EventData::ServiceStarting { command },
     );
-    let pspec = ProcessSpec {
-        name: svc.name.clone(),
-        argv: svc.command.clone(),
-        cwd: Some(svc.cwd.clone()),
-        env: svc.env.clone(),
-        stop_grace: svc.stop_grace,
-    };
-    let child = match Child::spawn_recorded(
-        pspec,
-        LogOutput::new(logs, env_name),
-        Some(&deps.children_dir),
-    ) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            let msg = format!("service {} failed to start: {e}", svc.name);
+    let rt = match deps
+        .runtime
+        .start(&svc.launch, LogOutput::new(logs, env_name))
+    {
+        Ok(rt) => rt,
+        Err(why) => {
+            let msg = format!("service {} failed to start: {why}", svc.name);
             return Err(fail(log, env_name, svc, progress, msg, Vec::new()).await);
         }
     };
-    *lock(&svc.child) = Some(child.clone());
-    metrics::gauge!("rig_service_up", "env" => env_name.to_string(), "service" => svc.name.clone())
-        .set(1.0);
+    *lock(&svc.runtime) = Some(rt.clone());
+    let labels = [("env", env_name.to_string()), ("service", svc.name.clone())];
+    metrics::gauge!("rig_service_up", &labels).set(1.0);
 
     for (ing, protocol, addr, ready) in &svc.ingresses {
-        let probe = wait_ready(*protocol, *addr, ready);
         tokio::select! {
-            r = probe => {
+            r = wait_ready(*protocol, *addr, ready) => {
                 if let Err(why) = r {
-                    let logs = child.recent_logs().iter().map(|l| l.line.clone()).collect::<Vec<_>>();
                     let msg = format!("service {} is not ready on ingress {ing} ({protocol} {addr}): {why}", svc.name);
-                    return Err(fail(log, env_name, svc, progress, msg, logs).await);
+                    return Err(fail(log, env_name, svc, progress, msg, rt.recent_logs()).await);
                 }
             }
-            exit = child.wait_exit() => {
-                let logs = child.recent_logs().iter().map(|l| l.line.clone()).collect::<Vec<_>>();
+            exit = rt.wait_exit() => {
                 let msg = format!("service {} {exit} before it was ready", svc.name);
-                return Err(fail(log, env_name, svc, progress, msg, logs).await);
+                return Err(fail(log, env_name, svc, progress, msg, rt.recent_logs()).await);
             }
         }
     }
     *lock(&svc.state) = ServiceState::Ready;
-    metrics::gauge!("rig_service_ready", "env" => env_name.to_string(), "service" => svc.name.clone()).set(1.0);
+    metrics::gauge!("rig_service_ready", &labels).set(1.0);
     let addrs: Vec<String> = svc
         .ingresses
         .iter()
@@ -643,7 +677,7 @@ async fn start_service(
         env_name,
         &svc.name,
         EventData::ServiceReady {
-            pid: child.pid(),
+            pid: rt.pid().unwrap_or(0),
             addresses: addrs,
             ready_seconds: started.elapsed().as_secs_f64(),
         },
@@ -704,17 +738,17 @@ async fn stop_env(env: &Arc<Env>) -> Vec<String> {
             let Some(svc) = env.services.iter().find(|s| &s.name == name).cloned() else {
                 continue;
             };
-            let Some(child) = lock(&svc.child).take() else {
+            let Some(rt) = lock(&svc.runtime).take() else {
                 continue;
             };
             let log = env.log.clone();
             let env_name = env.name.clone();
             stops.push(tokio::spawn(async move {
-                let exit = child.stop().await;
+                let exit = rt.stop().await;
                 *lock(&svc.state) = ServiceState::Stopped;
                 metrics::gauge!("rig_service_up", "env" => env_name.clone(), "service" => svc.name.clone()).set(0.0);
                 metrics::gauge!("rig_service_ready", "env" => env_name.clone(), "service" => svc.name.clone()).set(0.0);
-                publish(&log, &env_name, &svc.name, EventData::ServiceStopped { exit: exit.to_string(), grace_seconds: svc.stop_grace.as_secs_f64() });
+                publish(&log, &env_name, &svc.name, EventData::ServiceStopped { exit, grace_seconds: svc.launch.stop_grace.as_secs_f64() });
                 svc.name.clone()
             }));
         }
@@ -860,7 +894,7 @@ impl Env {
                 .map(|s| ServiceView {
                     name: s.name.clone(),
                     state: *lock(&s.state),
-                    pid: lock(&s.child).as_ref().map(|c| c.pid()),
+                    pid: lock(&s.runtime).as_ref().and_then(|r| r.pid()),
                     ingresses: s
                         .ingresses
                         .iter()
@@ -871,7 +905,7 @@ impl Env {
                         })
                         .collect(),
                     exit: lock(&s.exit).clone(),
-                    command: s.command.clone(),
+                    command: s.launch.command.clone(),
                 })
                 .collect(),
             edges: self

@@ -6,11 +6,14 @@
 //! - [`environments`]: the registry and its bring-up phases;
 //! - [`wiring`]: pure, a service of a spec plus the addresses rigd allocated → what the
 //!   service is launched with;
+//! - [`runtime`]: how a service runs ([`runtime::Runtime`], [`runtime::ServiceRuntime`]), local
+//!   processes today ([`runtime::LocalProcesses`]), containers next;
 //! - [`view`]: states, views, selectors, bring-up steps;
 //! - [`error`]: [`RegistryError`] and its [`ErrorKind`].
 
 pub mod environments;
 pub mod error;
+pub mod runtime;
 pub mod view;
 pub mod wiring;
 
