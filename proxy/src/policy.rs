@@ -939,17 +939,9 @@ impl ChaosSpec {
         )
     }
 
-    /// Check the spec as a whole and against the edge's protocol, and build the policy the data
-    /// plane runs. The error names the first offending field.
-    pub fn validate(&self, protocol: Protocol) -> Result<ChaosPolicy, PolicyError> {
-        // Destructure so that a new field cannot be forgotten here.
+    /// Fields that apply to some protocols only: refused on the others, naming the field.
+    fn check_protocol(&self, protocol: Protocol) -> Result<(), PolicyError> {
         let ChaosSpec {
-            latency,
-            jitter,
-            distribution,
-            latency_p99,
-            latency_direction,
-            error_rate,
             status,
             statuses,
             body,
@@ -957,26 +949,13 @@ impl ChaosSpec {
             grpc_code,
             grpc_message,
             reset_after,
-            hang_rate,
-            hang_for,
-            hang_then,
-            partition,
-            direction,
-            keep_connections,
-            bandwidth,
-            bandwidth_upstream,
-            bandwidth_downstream,
-            bandwidth_per_connection,
+            latency_direction,
             slow_close,
             slicer,
             limit_data,
             matcher,
-            seed,
-            ttl,
+            ..
         } = self;
-
-        check_bounds(self)?;
-        let is_tcp = protocol == Protocol::Tcp;
         let only = |field: &str, set: bool, allowed: &[Protocol]| -> Result<(), PolicyError> {
             if set && !allowed.contains(&protocol) {
                 let names: Vec<&str> = allowed.iter().map(|p| p.as_str()).collect();
@@ -1004,7 +983,19 @@ impl ChaosSpec {
         only("limit_data", limit_data.is_some(), &[Tcp])?;
         only("match", matcher.is_some(), &[Http, Grpc])?;
 
-        // Latency.
+        Ok(())
+    }
+
+    /// Latency: a base delay, its jitter or distribution, and for tcp its direction.
+    fn validate_latency(&self) -> Result<Option<Latency>, PolicyError> {
+        let ChaosSpec {
+            latency,
+            jitter,
+            distribution,
+            latency_p99,
+            latency_direction,
+            ..
+        } = self;
         let latency = match (latency, jitter, distribution, latency_p99) {
             (None, None, None, None) => None,
             (None, _, _, _) => {
@@ -1064,7 +1055,22 @@ impl ChaosSpec {
             }
         };
 
-        // Errors.
+        Ok(latency)
+    }
+
+    /// Errors: a rate and what a failed request gets (status, body, headers, gRPC code, tcp reset).
+    fn validate_error(&self) -> Result<Option<ErrorFault>, PolicyError> {
+        let ChaosSpec {
+            error_rate,
+            status,
+            statuses,
+            body,
+            headers,
+            grpc_code,
+            grpc_message,
+            reset_after,
+            ..
+        } = self;
         let error_detail_set = status.is_some()
             || !statuses.is_empty()
             || body.is_some()
@@ -1153,7 +1159,18 @@ impl ChaosSpec {
             }
         };
 
-        // Hang.
+        Ok(error)
+    }
+
+    /// Hangs: a rate, how long, and what follows (close, or a timeout answer on http).
+    fn validate_hang(&self, protocol: Protocol) -> Result<Option<HangFault>, PolicyError> {
+        let ChaosSpec {
+            hang_rate,
+            hang_for,
+            hang_then,
+            ..
+        } = self;
+        let is_tcp = protocol == Protocol::Tcp;
         let hang = match hang_rate {
             None if hang_for.is_some() || hang_then.is_some() => {
                 let field = if hang_for.is_some() {
@@ -1185,7 +1202,17 @@ impl ChaosSpec {
             }
         };
 
-        // Partition.
+        Ok(hang)
+    }
+
+    /// Partitions: the mode, the direction, and whether open connections are cut.
+    fn validate_partition(&self) -> Result<Option<PartitionFault>, PolicyError> {
+        let ChaosSpec {
+            partition,
+            direction,
+            keep_connections,
+            ..
+        } = self;
         let mode = match partition {
             None | Some(PartitionSetting::Flag(false)) => None,
             Some(PartitionSetting::Flag(true)) => Some(PartitionMode::Blackhole),
@@ -1217,7 +1244,18 @@ impl ChaosSpec {
             }
         };
 
-        // Bandwidth.
+        Ok(partition)
+    }
+
+    /// Bandwidth: a rate per direction (bytes/s), shared by the edge or per connection.
+    fn validate_bandwidth(&self) -> Result<Option<BandwidthFault>, PolicyError> {
+        let ChaosSpec {
+            bandwidth,
+            bandwidth_upstream,
+            bandwidth_downstream,
+            bandwidth_per_connection,
+            ..
+        } = self;
         let up = bandwidth_upstream.or(*bandwidth).map(|r| r.0);
         let down = bandwidth_downstream.or(*bandwidth).map(|r| r.0);
         let bandwidth = if up.is_none() && down.is_none() {
@@ -1241,7 +1279,14 @@ impl ChaosSpec {
             })
         };
 
-        // tcp extras.
+        Ok(bandwidth)
+    }
+
+    /// The tcp-only stream faults: the slicer and the data limit.
+    fn validate_tcp_extras(&self) -> Result<Option<Slicer>, PolicyError> {
+        let ChaosSpec {
+            slicer, limit_data, ..
+        } = self;
         let slicer = match slicer {
             None => None,
             Some(s) => {
@@ -1268,10 +1313,18 @@ impl ChaosSpec {
             return Err(PolicyError::new("limit_data", "must be greater than zero"));
         }
 
+        Ok(slicer)
+    }
+
+    /// Which requests the faults apply to (http and grpc).
+    fn validate_match(&self, protocol: Protocol) -> Result<Option<Match>, PolicyError> {
+        let ChaosSpec { matcher, .. } = self;
         let matcher = match matcher {
             None => None,
             Some(m) => {
-                if protocol == Http && (m.grpc_service.is_some() || m.grpc_method.is_some()) {
+                if protocol == Protocol::Http
+                    && (m.grpc_service.is_some() || m.grpc_method.is_some())
+                {
                     return Err(PolicyError::new(
                         "match.grpc_service",
                         "does not apply to an http edge (only grpc)",
@@ -1313,6 +1366,54 @@ impl ChaosSpec {
             }
         };
 
+        Ok(matcher)
+    }
+
+    /// Check the spec as a whole and against the edge's protocol, and build the policy the data
+    /// plane runs: one validator per fault kind, each naming the first offending field.
+    pub fn validate(&self, protocol: Protocol) -> Result<ChaosPolicy, PolicyError> {
+        // Destructure so that a new field cannot be forgotten here: each is either checked by a
+        // validator below or carried over as is.
+        let ChaosSpec {
+            latency: _,
+            jitter: _,
+            distribution: _,
+            latency_p99: _,
+            latency_direction: _,
+            error_rate: _,
+            status: _,
+            statuses: _,
+            body: _,
+            headers: _,
+            grpc_code: _,
+            grpc_message: _,
+            reset_after: _,
+            hang_rate: _,
+            hang_for: _,
+            hang_then: _,
+            partition: _,
+            direction: _,
+            keep_connections: _,
+            bandwidth: _,
+            bandwidth_upstream: _,
+            bandwidth_downstream: _,
+            bandwidth_per_connection: _,
+            slow_close,
+            slicer: _,
+            limit_data,
+            matcher: _,
+            seed,
+            ttl,
+        } = self;
+        check_bounds(self)?;
+        self.check_protocol(protocol)?;
+        let latency = self.validate_latency()?;
+        let error = self.validate_error()?;
+        let hang = self.validate_hang(protocol)?;
+        let partition = self.validate_partition()?;
+        let bandwidth = self.validate_bandwidth()?;
+        let slicer = self.validate_tcp_extras()?;
+        let matcher = self.validate_match(protocol)?;
         if ttl.is_some_and(|t| t.0.is_zero()) {
             return Err(PolicyError::new("ttl", "must be greater than zero"));
         }
