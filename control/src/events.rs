@@ -190,7 +190,7 @@ impl EventData {
                 ..
             } => format!(
                 "{edge} v{old_version} → v{version}: {} ({cause})",
-                crate::convert::chaos_summary(new)
+                chaos_summary(new)
             ),
             EventData::ChaosExpired { version, .. } => {
                 format!("chaos ttl expired; cleared (version {version})")
@@ -463,6 +463,21 @@ pub fn samples() -> Vec<EventData> {
         }
     }
     all
+}
+
+/// A one-line, TOML-like rendering of a spec for listings: `latency = "50ms", error_rate = 0.1`.
+pub fn chaos_summary(c: &ChaosSpec) -> String {
+    if c.is_empty() {
+        return "-".to_string();
+    }
+    match toml::Value::try_from(c) {
+        Ok(toml::Value::Table(t)) => t
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => format!("{c:?}"),
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 
 pub mod cli;
 pub mod client;
-pub mod convert;
 pub mod daemon;
 pub mod eventlog;
 pub mod events;

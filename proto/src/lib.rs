@@ -1,8 +1,9 @@
 //! The `rig.v1` gRPC API (see `proto/rig/v1/rig.proto`), generated at build time by protox and
 //! tonic-prost-build.
 
-#![allow(clippy::all, missing_docs)]
+mod chaos;
 
+#[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("rig.v1");
 

@@ -175,7 +175,7 @@ pub fn read_chaos_file(path: &Path) -> anyhow::Result<pb::ChaosSpec> {
     let spec: ChaosSpec = toml::Value::Table(table)
         .try_into()
         .with_context(|| format!("{}: invalid chaos table", path.display()))?;
-    Ok(crate::convert::chaos_to_pb(&spec))
+    Ok(pb::ChaosSpec::from(&spec))
 }
 
 fn set<T: Clone>(slot: &mut Option<T>, flag: &Option<T>) {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::events::EventData;
 
-use crate::convert::chaos_summary;
+use crate::events::chaos_summary;
 
 // ---------------------------------------------------------------------------------------------
 // Tables and small formats
@@ -99,7 +99,7 @@ pub fn format_age(secs: f64) -> String {
 /// The domain form of a wire spec; rigd only sends specs it validated, so failure here means a
 /// version mismatch, which the callers show rather than hide.
 fn domain(c: &pb::ChaosSpec) -> Result<ChaosSpec, String> {
-    crate::convert::chaos_from_pb(c.clone()).map_err(|e| e.to_string())
+    ChaosSpec::try_from(c.clone()).map_err(|e| e.to_string())
 }
 
 /// `latency = "200ms", error_rate = 0.1`, or `-` for no chaos.

@@ -109,7 +109,7 @@ pub(crate) fn env_pb(v: &EnvView) -> pb::EnvironmentStatus {
                 target_address: e.target_address.to_string(),
                 observed: e.observed,
                 chaos_version: e.chaos.version,
-                chaos: Some(crate::convert::chaos_to_pb(&e.chaos.spec)),
+                chaos: Some(pb::ChaosSpec::from(&e.chaos.spec)),
             })
             .collect(),
     }
@@ -124,7 +124,7 @@ fn chaos_pb(edges: Vec<EdgeChaos>) -> pb::ChaosResponse {
                 edge: c.edge.clone(),
                 protocol: c.protocol.to_string(),
                 version: c.version,
-                chaos: Some(crate::convert::chaos_to_pb(&c.spec)),
+                chaos: Some(pb::ChaosSpec::from(&c.spec)),
             })
             .collect(),
     }
@@ -280,7 +280,7 @@ impl Chaos for Api {
     ) -> Result<Response<pb::ChaosResponse>, Status> {
         let req = req.into_inner();
         let sel = selector(req.selector)?;
-        let spec = crate::convert::chaos_from_pb(req.chaos.unwrap_or_default())
+        let spec = ChaosSpec::try_from(req.chaos.unwrap_or_default())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if spec.is_empty() {
             return Err(Status::invalid_argument(
@@ -322,10 +322,10 @@ impl Chaos for Api {
             .map(|p| pb::Preset {
                 name: p.name.clone(),
                 description: p.description.clone(),
-                chaos: Some(crate::convert::chaos_to_pb(&p.chaos)),
-                http: Some(crate::convert::chaos_to_pb(&p.http)),
-                grpc: Some(crate::convert::chaos_to_pb(&p.grpc)),
-                tcp: Some(crate::convert::chaos_to_pb(&p.tcp)),
+                chaos: Some(pb::ChaosSpec::from(&p.chaos)),
+                http: Some(pb::ChaosSpec::from(&p.http)),
+                grpc: Some(pb::ChaosSpec::from(&p.grpc)),
+                tcp: Some(pb::ChaosSpec::from(&p.tcp)),
             })
             .collect();
         Ok(Response::new(pb::ListPresetsResponse { presets }))

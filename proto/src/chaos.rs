@@ -1,16 +1,16 @@
-//! Conversions between the wire types of `rig.v1` and the chaos policy's domain types.
-//!
-//! Proto → domain ([`chaos_from_pb`]) fails with an error naming the field; both directions destructure so a
-//! field added to either side cannot be forgotten here.
+//! The chaos policy on the wire: `TryFrom<v1::ChaosSpec>` for the domain [`ChaosSpec`] (the
+//! error names the offending field) and `From<&ChaosSpec>` for `v1::ChaosSpec`. Both
+//! destructure, so a field added to either side cannot be forgotten here.
 
 use std::collections::BTreeMap;
 
-use rig_proto::v1 as pb;
 use rig_proxy::policy::{
     ByteRate, ByteSize, ChaosSpec, Direction, DistributionKind, GrpcCode, HangThen, HumanDuration,
     MatchSpec, PartitionMode, PartitionSetting, PolicyError, Ratio, SlicerSpec, Status,
     WeightedStatus,
 };
+
+use crate::v1 as pb;
 
 fn field<T: std::str::FromStr<Err = String>>(
     name: &str,
@@ -26,8 +26,10 @@ fn ratio(name: &str, v: Option<f64>) -> Result<Option<Ratio>, PolicyError> {
 }
 
 /// A chaos policy from the wire; the error names the offending field.
-pub fn chaos_from_pb(p: pb::ChaosSpec) -> Result<ChaosSpec, PolicyError> {
-    {
+impl TryFrom<pb::ChaosSpec> for ChaosSpec {
+    type Error = PolicyError;
+
+    fn try_from(p: pb::ChaosSpec) -> Result<ChaosSpec, PolicyError> {
         let pb::ChaosSpec {
             latency,
             jitter,
@@ -170,8 +172,8 @@ fn lower<T: serde::Serialize>(v: Option<T>) -> Option<String> {
 }
 
 /// A chaos policy for the wire.
-pub fn chaos_to_pb(c: &ChaosSpec) -> pb::ChaosSpec {
-    {
+impl From<&ChaosSpec> for pb::ChaosSpec {
+    fn from(c: &ChaosSpec) -> pb::ChaosSpec {
         let ChaosSpec {
             latency,
             jitter,
@@ -256,21 +258,6 @@ pub fn chaos_to_pb(c: &ChaosSpec) -> pb::ChaosSpec {
     }
 }
 
-/// A one-line, TOML-like rendering of a spec for listings: `latency = "50ms", error_rate = 0.1`.
-pub fn chaos_summary(c: &ChaosSpec) -> String {
-    if c.is_empty() {
-        return "-".to_string();
-    }
-    match toml::Value::try_from(c) {
-        Ok(toml::Value::Table(t)) => t
-            .iter()
-            .map(|(k, v)| format!("{k} = {v}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        _ => format!("{c:?}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,37 +286,37 @@ mod tests {
             "#,
         )
         .unwrap();
-        let wire = chaos_to_pb(&spec);
-        let back = chaos_from_pb(wire).unwrap();
+        let wire = pb::ChaosSpec::from(&spec);
+        let back = ChaosSpec::try_from(wire).unwrap();
         assert_eq!(back, spec);
         let tcp: ChaosSpec = toml::from_str(
             "reset_after = \"1KiB\"\nslow_close = \"1s\"\nlimit_data = 4096\nlatency_direction = \"downstream\"\nslicer = { average_size = 64, size_variation = 8, delay = \"1ms\" }",
         )
         .unwrap();
-        assert_eq!(chaos_from_pb(chaos_to_pb(&tcp)).unwrap(), tcp);
+        assert_eq!(ChaosSpec::try_from(pb::ChaosSpec::from(&tcp)).unwrap(), tcp);
     }
 
     #[test]
     fn wire_errors_name_the_field() {
-        let err = chaos_from_pb(pb::ChaosSpec {
+        let err = ChaosSpec::try_from(pb::ChaosSpec {
             latency: Some("5xs".into()),
             ..Default::default()
         })
         .unwrap_err();
         assert_eq!(err.field, "latency");
-        let err = chaos_from_pb(pb::ChaosSpec {
+        let err = ChaosSpec::try_from(pb::ChaosSpec {
             error_rate: Some(1.5),
             ..Default::default()
         })
         .unwrap_err();
         assert_eq!(err.field, "error_rate");
-        let err = chaos_from_pb(pb::ChaosSpec {
+        let err = ChaosSpec::try_from(pb::ChaosSpec {
             grpc_code: Some("NOPE".into()),
             ..Default::default()
         })
         .unwrap_err();
         assert_eq!(err.field, "grpc_code");
-        let err = chaos_from_pb(pb::ChaosSpec {
+        let err = ChaosSpec::try_from(pb::ChaosSpec {
             bandwidth: Some("0".into()),
             ..Default::default()
         })
