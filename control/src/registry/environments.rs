@@ -235,16 +235,10 @@ impl Registry {
         .await;
         let services = wire(spec, &addrs, &edges, base_dir)?;
         let env = Arc::new(Env {
-            name: spec.name.clone(),
-            origin: origin.into(),
-            seed: spec.seed,
-            started_at: SystemTime::now(),
-            state: Mutex::new(EnvState::Starting),
-            log: deps.log.clone(),
             services,
             order: spec.order.clone(),
             edges,
-            cancel,
+            ..placeholder(spec, origin, deps, cancel)
         });
         if let Err(e) = launch(deps, &env, &mut held, progress).await {
             *lock(&env.state) = EnvState::Stopping;
@@ -594,6 +588,7 @@ fn resolve_name(envs: &BTreeMap<String, Arc<Env>>, name: &str) -> Result<String,
     }
 }
 
+/// An environment with no services yet: what holds its name while it starts.
 fn placeholder(spec: &Spec, origin: &str, deps: &Deps, cancel: CancellationToken) -> Env {
     Env {
         name: spec.name.clone(),
