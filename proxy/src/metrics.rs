@@ -15,6 +15,7 @@
 //! | `rig_edge_upstream_errors_total` | counter | | failures to reach the target |
 //! | `rig_edge_connections_refused_total` | counter | `reason` | connections the edge refused itself (`fd_limit`: out of file descriptors) |
 //! | `rig_edge_policy_version` | gauge | | version of the chaos policy in force |
+//! | `rig_edge_splice_pipes_open` | gauge | none: process-wide, no edge labels | `splice(2)` pipes open in the process, held by a tcp direction moving bytes or idle in the pool (at most 64 idle) |
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
