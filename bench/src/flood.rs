@@ -2,7 +2,8 @@
 //! without pause (`yes`) for 20 s, sampled every 100 ms, and how long `rigctl down` takes
 //! then. rigd drains the pipe whatever happens and drops the lines over the per-service rate,
 //! so its memory should level off at what its bounds allow (the event log's byte budget, the
-//! log queue), and its CPU should go back to idle after down.
+//! log queue), and its CPU should go back to idle after down. `RIG_BENCH_FLOOD_SECS` overrides
+//! the 20 s.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -66,7 +67,10 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
 }
 
 async fn measure(ctx: &Ctx, rigd: &Rigd, rigctl: &std::path::Path) -> Result<Vec<Row>> {
-    let secs = ctx.scale(20, 3);
+    let secs = std::env::var("RIG_BENCH_FLOOD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ctx.scale(20, 3));
     let pid = rigd.proc.pid();
     let spec = json!({
         "name": "flood",
