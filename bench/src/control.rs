@@ -1,7 +1,7 @@
 //! Measurement 6, the control plane, through a real rigd: (b) `Up` of a 50-service chain
 //! against starting the same processes directly, and rigd's memory with them idle; (a)
-//! `Chaos.Set` round trips verified in the data plane; (c) events delivered to an
-//! `Events.Watch` follower.
+//! `Chaos.Set` round trips verified in the data plane, and the whole `rigctl chaos set` command
+//! against `rigctl --version`; (c) events delivered to an `Events.Watch` follower.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -29,6 +29,8 @@ const CHAIN: usize = 50;
 /// A rigd child and a gRPC channel to it.
 pub(crate) struct Rigd {
     pub(crate) proc: Proc,
+    /// `127.0.0.1:PORT`, what rigctl's `--addr` takes.
+    pub(crate) addr: String,
     channel: Channel,
 }
 
@@ -60,12 +62,18 @@ impl Rigd {
         let addr = line
             .rsplit(' ')
             .next()
-            .ok_or_else(|| anyhow!("rigd said {line:?}"))?;
+            .ok_or_else(|| anyhow!("rigd said {line:?}"))?
+            .trim()
+            .to_string();
         let channel = Channel::from_shared(format!("http://{addr}"))?
             .connect()
             .await
             .with_context(|| format!("connecting to rigd at {addr}"))?;
-        Ok(Rigd { proc, channel })
+        Ok(Rigd {
+            proc,
+            addr,
+            channel,
+        })
     }
 
     fn envs(&self) -> EnvironmentsClient<Channel> {
@@ -283,6 +291,7 @@ async fn chaos_and_events(ctx: &Ctx, rigd: &Rigd) -> Result<Vec<Row>> {
 
     let mut rows = Vec::new();
     rows.push(chaos_set(ctx, rigd, proxy).await?);
+    rows.push(rigctl_chaos_set(ctx, rigd).await?);
     rows.push(events(ctx, rigd, proxy).await?);
     rows.push(
         Row::new(
@@ -351,6 +360,102 @@ async fn chaos_set(ctx: &Ctx, rigd: &Rigd, proxy: SocketAddr) -> Result<Row> {
     .rig(format!("p50 {}, p99 {}", ms(s.p50), ms(s.p99)))
     .ratio(format!("{wrong} of {n} requests saw the wrong policy"))
     .target("p99 ≤ 10 ms", s.p99 <= 10_000.0 && wrong == 0))
+}
+
+/// `rigctl chaos set` as a user runs it: the whole command, from spawning the process to its
+/// exit (start-up, connect, the RPC, output), alternating two statuses. Sequential, so each run
+/// has the machine to itself.
+async fn rigctl_chaos_set(ctx: &Ctx, rigd: &Rigd) -> Result<Row> {
+    let rigctl = ctx.bin_dir.join("rigctl");
+    if !rigctl.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p rig-control`",
+            rigctl.display()
+        );
+    }
+    let n = ctx.scale(200, 20);
+    let warmup = 10;
+    // Baseline: the same binary started and exiting without talking to rigd (`--version`),
+    // interleaved with the real runs so both see the same machine.
+    let mut samples = Vec::with_capacity(n);
+    let mut bare = Vec::with_capacity(n);
+    for i in 0..warmup + n {
+        let status = if i % 2 == 0 { "503" } else { "429" };
+        let set = run_timed(
+            &rigctl,
+            &[
+                "--addr",
+                &rigd.addr,
+                "--env",
+                "bench",
+                "chaos",
+                "set",
+                "client/up",
+                "--status",
+                status,
+            ],
+        )
+        .await?;
+        let version = run_timed(&rigctl, &["--version"]).await?;
+        if i >= warmup {
+            samples.push(set);
+            bare.push(version);
+        }
+    }
+    ChaosClient::new(rigd.channel.clone())
+        .clear(pb::ClearChaosRequest {
+            selector: selector("client/up"),
+        })
+        .await?;
+    let s = Stats::of(&mut samples);
+    let b = Stats::of(&mut bare);
+    let ratio = s.p99 / s.p50.max(1.0);
+    println!(
+        "rigctl chaos set: p50 {} p90 {} p99 {} max {} (p99/p50 {ratio:.2}); rigctl --version: p50 {} p99 {}",
+        ms(s.p50),
+        ms(s.p90),
+        ms(s.p99),
+        ms(s.max),
+        ms(b.p50),
+        ms(b.p99)
+    );
+    Ok(Row::new(format!(
+        "`rigctl chaos set` whole command, process start to exit ({n} sequential runs alternating 2 statuses)"
+    ))
+    .rig(format!("p50 {}, p99 {}", ms(s.p50), ms(s.p99)))
+    .baselines(format!(
+        "`rigctl --version` (start and exit only): p50 {}, p99 {}",
+        ms(b.p50),
+        ms(b.p99)
+    ))
+    .ratio(format!(
+        "p99/p50 {ratio:.2}; connect + RPC + exit adds {} at p50",
+        ms(s.p50 - b.p50)
+    ))
+    .target("p99/p50 ≤ 2", ratio <= 2.0))
+}
+
+/// Run `program args` to its exit; how long it took. Fails if it fails.
+async fn run_timed(program: &Path, args: &[&str]) -> Result<Duration> {
+    let t0 = Instant::now();
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .env_remove("RIG_TOKEN")
+        .env_remove("RIGCTL_ENV")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {}", program.display()))?;
+    let dt = t0.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{} {args:?} failed ({}): {}",
+            program.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(dt)
 }
 
 /// What the follower saw.

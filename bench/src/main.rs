@@ -10,6 +10,7 @@ mod client;
 mod conns;
 mod control;
 mod ext;
+mod flood;
 mod helpers;
 mod http;
 mod memory;
@@ -55,6 +56,8 @@ enum Cmd {
     Control(Opts),
     /// 7. Concurrent tcp connections through one rigd edge, and rigd's memory around them.
     Conns(Opts),
+    /// 8. rigd's memory and CPU while a service floods stdout, and `rigctl down` after.
+    Flood(Opts),
 
     /// Run rig edges, driven by commands on stdin (internal).
     #[command(hide = true)]
@@ -133,7 +136,7 @@ fn multi_thread() -> Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "tcp throughput",
     "HTTP requests/s",
     "added latency",
@@ -141,6 +144,7 @@ const SECTIONS: [&str; 7] = [
     "memory",
     "control plane",
     "connections",
+    "output flood",
 ];
 
 async fn section(i: usize, ctx: &Ctx) -> Result<Vec<Row>> {
@@ -151,13 +155,14 @@ async fn section(i: usize, ctx: &Ctx) -> Result<Vec<Row>> {
         3 => http::accuracy(ctx).await,
         4 => memory::run(ctx).await,
         5 => control::run(ctx).await,
-        _ => conns::run(ctx).await,
+        6 => conns::run(ctx).await,
+        _ => flood::run(ctx).await,
     }
 }
 
 async fn bench(cmd: Cmd) -> Result<()> {
     let (opts, pick): (Opts, &[usize]) = match cmd {
-        Cmd::All(o) => (o, &[0, 1, 2, 3, 4, 5, 6]),
+        Cmd::All(o) => (o, &[0, 1, 2, 3, 4, 5, 6, 7]),
         Cmd::Tcp(o) => (o, &[0]),
         Cmd::Http(o) => (o, &[1]),
         Cmd::Latency(o) => (o, &[2]),
@@ -165,6 +170,7 @@ async fn bench(cmd: Cmd) -> Result<()> {
         Cmd::Memory(o) => (o, &[4]),
         Cmd::Control(o) => (o, &[5]),
         Cmd::Conns(o) => (o, &[6]),
+        Cmd::Flood(o) => (o, &[7]),
         _ => unreachable!("helper roles are dispatched in main"),
     };
     procs::raise_nofile();

@@ -17,6 +17,7 @@
 //! | `rig_edge_policy_version` | gauge | | version of the chaos policy in force |
 //! | `rig_edge_client_errors_total` | counter | `reason` | http/grpc requests rig failed because of the client (`body_timeout`: 408, `malformed_body`, `invalid_request`: 400) |
 //! | `rig_edge_upstream_idle_closed_total` | counter | `reason` | idle upstream connections rig closed (`idle_timeout`, `pool_full`) |
+//! | `rig_edge_splice_pipes_open` | gauge | none: process-wide, no edge labels | `splice(2)` pipes open in the process, held by a tcp direction moving bytes or idle in the pool (at most 64 idle) |
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -101,7 +101,11 @@ impl LineSink<'_> {
             self.notice();
         }
         let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-        let mut line = String::from_utf8_lossy(bytes).into_owned();
+        // Sized for the cut mark too: pushing it onto an exact-size 16 KiB String would double
+        // its capacity, and the event log (which counts the line's length) would hold twice the
+        // memory it budgets (found by tests/service_flood.rs).
+        let mut line = String::with_capacity(bytes.len() + CUT_MARK.len());
+        line.push_str(&String::from_utf8_lossy(bytes));
         if cut {
             line.push_str(CUT_MARK);
         }
