@@ -64,9 +64,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::edge::{Active, EdgeCtx, hold};
+use crate::context::{EdgeCtx, hold};
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
 use crate::policy::{ChaosPolicy, HangThen, PartitionMode};
+use crate::snapshot::Active;
 
 use body::{ClientBody, ConnLimiters, Dir, DownBody, Obs, Throttle, UpBody};
 use respond::Rescue;
@@ -177,7 +178,12 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>, limits: Http
             Ok(a) => a,
             Err(e)
                 if crate::limits::is_fd_exhausted(&e)
-                    && crate::tcp::shed(&listener, &ctx, &mut reserve).await =>
+                    && crate::limits::shed(
+                        &listener,
+                        &ctx.info.edge,
+                        &ctx.metrics,
+                        &mut reserve,
+                    ) =>
             {
                 continue;
             }

@@ -32,10 +32,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::edge::{Active, EdgeCtx, Limiter};
+use crate::context::EdgeCtx;
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
-use crate::limits::{Reserve, is_fd_exhausted};
+use crate::limits::{Reserve, is_fd_exhausted, shed};
 use crate::policy::{BandwidthFault, ChaosPolicy, Direction, Latency};
+use crate::snapshot::{Active, Limiter};
 
 use self::splice::Pipe;
 
@@ -73,7 +74,9 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
                 ctx.tracker
                     .spawn(handle(ctx.clone(), stream, peer, act, fate));
             }
-            Err(e) if is_fd_exhausted(&e) && shed(&listener, &ctx, &mut reserve).await => {}
+            Err(e)
+                if is_fd_exhausted(&e)
+                    && shed(&listener, &ctx.info.edge, &ctx.metrics, &mut reserve) => {}
             Err(e) => {
                 debug!(edge = %ctx.info.edge, error = %e, "accept failed");
                 // Out of file descriptors or memory: back off instead of spinning on the error.
@@ -87,41 +90,6 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
         }
     }
     debug!(edge = %ctx.info.edge, "tcp edge stopped accepting");
-}
-
-/// Out of file descriptors with a connection waiting: free the reserve descriptor, accept the
-/// connection and reset it at once (the client sees a refusal, not a hang in the backlog),
-/// count it and take the reserve back, all under the exclusive [`fd_gate`](crate::limits) so no
-/// other thread takes the freed slot. False when there was no reserve to free or nothing could
-/// be accepted (the caller backs off).
-pub(crate) async fn shed(listener: &TcpListener, ctx: &EdgeCtx, reserve: &mut Reserve) -> bool {
-    let _gate = crate::limits::fd_gate_exclusive();
-    if !reserve.release() {
-        reserve.restore();
-        return false;
-    }
-    // One non-blocking try (no await while holding the gate): the listener is still readable,
-    // since the accept that failed with EMFILE did not clear its readiness.
-    let accepted = {
-        let accept = std::pin::pin!(listener.accept());
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match std::future::Future::poll(accept, &mut cx) {
-            std::task::Poll::Ready(r) => r.ok(),
-            std::task::Poll::Pending => None,
-        }
-    };
-    let shed = match accepted {
-        Some((stream, _)) => {
-            let _ = stream.set_zero_linger();
-            drop(stream);
-            ctx.metrics.refused_fd_limit();
-            reserve.warn(&ctx.info.edge, "new connection");
-            true
-        }
-        None => false,
-    };
-    reserve.restore();
-    shed
 }
 
 /// Dial `addr` with the socket made under the [`fd_gate`](crate::limits::fd_gate).
@@ -402,7 +370,7 @@ impl Conn {
         {
             self.fault(FaultKind::Hang);
             let elapsed = tokio::select! {
-                full = crate::edge::hold(&self.ctx, act.version, h.duration) => full,
+                full = crate::context::hold(&self.ctx, act.version, h.duration) => full,
                 _ = client_gone(client) => return Err(End::Close(None)),
             };
             if elapsed {

@@ -16,11 +16,12 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::edge::{Active, EdgeCtx, Limiter, Limiters};
+use crate::context::EdgeCtx;
 use crate::events::{EventKind, FaultKind, RequestInfo};
 use crate::metrics::EdgeMetrics;
 use crate::policy::BandwidthFault;
 use crate::policy::{GrpcCode, grpc_path_parts};
+use crate::snapshot::{Active, Limiter, Limiters};
 use tokio::sync::watch;
 
 use super::grpc;

@@ -10,9 +10,9 @@ use http::{Response, StatusCode};
 use tracing::debug;
 
 use crate::INJECTED_HEADER;
-use crate::edge::Active;
 use crate::metrics;
 use crate::policy::GrpcCode;
+use crate::snapshot::Active;
 
 use super::Proxy;
 use super::body::{BodyFailure, BodyWatch, ClientBodyError, DownBody, Obs};
