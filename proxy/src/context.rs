@@ -53,6 +53,24 @@ impl EdgeCtx {
         }
     }
 
+    /// The span of one connection, where its logs (and later its OpenTelemetry trace) hang.
+    ///
+    /// A root span, not a child of the edge's listener span: an edge lives as long as its
+    /// environment, and a trace per connection is what a tracing backend can show. Debug level:
+    /// at rigd's default `info` it is disabled, which costs one check of the callsite's cached
+    /// interest and evaluates none of the fields (nothing is formatted).
+    pub fn connection_span(&self, id: u64, peer: SocketAddr) -> tracing::Span {
+        tracing::debug_span!(
+            parent: None,
+            "connection",
+            env = %self.info.env,
+            edge = %self.info.edge,
+            protocol = %self.info.protocol,
+            conn = id,
+            %peer,
+        )
+    }
+
     /// A fresh id for a request or connection on this edge.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1

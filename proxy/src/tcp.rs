@@ -30,7 +30,7 @@ use bytes::{Buf, Bytes};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use crate::context::EdgeCtx;
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
@@ -71,8 +71,10 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
                 // the same faults to the same sequence of connections on every run.
                 let act = ctx.cell.current();
                 let fate = Fate::draw(&act);
+                let id = ctx.next_id();
+                let span = ctx.connection_span(id, peer);
                 ctx.tracker
-                    .spawn(handle(ctx.clone(), stream, peer, act, fate));
+                    .spawn(handle(ctx.clone(), stream, id, peer, act, fate).instrument(span));
             }
             Err(e)
                 if is_fd_exhausted(&e)
@@ -470,6 +472,7 @@ async fn client_gone(client: &TcpStream) {
 async fn handle(
     ctx: Arc<EdgeCtx>,
     client: TcpStream,
+    id: u64,
     peer: SocketAddr,
     act: Arc<Active>,
     fate: Fate,
@@ -477,7 +480,7 @@ async fn handle(
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let conn = Conn {
-        id: ctx.next_id(),
+        id,
         peer,
         accepted: act.version,
         up: AtomicU64::new(0),
