@@ -2,18 +2,18 @@
 //!
 //! Downstream, hyper-util's `auto` server speaks HTTP/1.1 (keep-alive) and HTTP/2 cleartext
 //! (prior knowledge) on the same port. Upstream, HTTP/1 requests go out over HTTP/1.1 on an
-//! upstream connection kept by their downstream connection ([`upstream`]); HTTP/2 requests (and
+//! upstream connection kept by their downstream connection (`upstream`); HTTP/2 requests (and
 //! everything on a grpc edge) go over h2c through a hyper-util pooled client built once per
 //! edge. Bodies stream both ways frame by frame, trailers included.
 //!
 //! Per request, in this order and only for requests the policy's `match` selects:
 //! partition (`reject` answers at once, `blackhole` holds), hang, error, latency, then bandwidth
-//! on the body frames ([`body::Throttle`]). A request held by a blackhole or a hang is released
+//! on the body frames (`body::Throttle`). A request held by a blackhole or a hang is released
 //! when the policy changes and is then handled under the new policy; a latency delay released
 //! early simply forwards. Throttled bodies follow policy changes as they stream. A new
 //! partition that cuts existing connections (the default, unless `keep_connections` or a
 //! `match` scopes it) drops every open downstream connection with whatever is in flight, as a
-//! network cut would. Every response rig makes up comes from [`respond`], which marks it with
+//! network cut would. Every response rig makes up comes from `respond`, which marks it with
 //! [`crate::INJECTED_HEADER`].
 //!
 //! Events: `request.started` on arrival; `request.completed` when the response body ends

@@ -93,7 +93,7 @@ impl Reserve {
     }
 }
 
-/// Log, at most once per [`WARN_EVERY`] for the whole process, that `what` was refused on
+/// Log, at most once per `WARN_EVERY` (5 s) for the whole process, that `what` was refused on
 /// `edge` for want of file descriptors; the refusals in between are counted in the next line.
 pub fn warn_fd_limit(edge: &str, what: &str) {
     static LAST: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));

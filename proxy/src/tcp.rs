@@ -7,7 +7,7 @@
 //!    by a policy change, closed when its duration runs out), and a full blackhole (read and
 //!    discard until the partition lifts; the target is only dialled then);
 //! 2. connect to the edge's target (never anywhere else);
-//! 3. relay, one [`Pump`] per direction, joined in the same task. A pump relays with splice(2)
+//! 3. relay, one `Pump` per direction, joined in the same task. A pump relays with splice(2)
 //!    through a pipe while the policy is passthrough, and with a copy loop that applies the
 //!    faults otherwise; it re-reads the policy between chunks and wakes on every policy change
 //!    even when idle, so a new policy acts on open connections from the next chunk.
