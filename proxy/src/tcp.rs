@@ -211,6 +211,23 @@ fn rate_for(bw: &BandwidthFault, dir: Dir) -> Option<u64> {
     }
 }
 
+/// The bandwidth limiter of `dir`: the connection's own (`bandwidth_per_connection`), else the
+/// edge-wide one of the snapshot.
+fn limiter_for<'a>(
+    own: &'a Option<(BandwidthFault, Limiter)>,
+    act: &'a Active,
+    dir: Dir,
+) -> Option<&'a Limiter> {
+    match (own, &act.limiters) {
+        (Some((_, l)), _) => Some(l),
+        (None, Some(ls)) => match dir {
+            Dir::Up => ls.upstream.as_ref(),
+            Dir::Down => ls.downstream.as_ref(),
+        },
+        _ => None,
+    }
+}
+
 /// An io error as an event reads it: `connection reset`, `broken pipe`.
 fn describe(e: &io::Error) -> String {
     let kind = e.kind().to_string();
@@ -299,6 +316,23 @@ impl Conn {
                 .clone(),
             error,
         }
+    }
+
+    /// How many more bytes may pass, both ways together, under the error fault's `reset_after`
+    /// and `limit_data`; the end of the connection once a budget is spent.
+    fn allowance(&self, pol: &ChaosPolicy) -> Result<usize, End> {
+        let passed = self.passed();
+        let doom = self.doom.load(Ordering::Relaxed);
+        if passed >= doom {
+            self.fault(FaultKind::Reset);
+            return Err(End::Reset("reset by chaos".into()));
+        }
+        let limit = pol.limit_data.unwrap_or(u64::MAX);
+        if passed >= limit {
+            self.fault(FaultKind::LimitData);
+            return Err(End::Close(Some("data limit reached".into())));
+        }
+        Ok(usize::try_from(doom.min(limit) - passed).unwrap_or(usize::MAX))
     }
 
     /// A connection opened before a partition with `cut_existing` arrived is reset by it.
@@ -834,28 +868,8 @@ impl<'a> Pump<'a> {
                 return Ok(());
             }
 
-            // Byte budgets of the error fault's reset_after and of limit_data, both ways.
-            let passed = self.conn.passed();
-            let doom = self.conn.doom.load(Ordering::Relaxed);
-            if passed >= doom {
-                self.conn.fault(FaultKind::Reset);
-                return Err(End::Reset("reset by chaos".into()));
-            }
-            let limit = pol.limit_data.unwrap_or(u64::MAX);
-            if passed >= limit {
-                self.conn.fault(FaultKind::LimitData);
-                return Err(End::Close(Some("data limit reached".into())));
-            }
-            let allowance = usize::try_from(doom.min(limit) - passed).unwrap_or(usize::MAX);
-
-            let limiter: Option<&Limiter> = match (&self.own, &act.limiters) {
-                (Some((_, l)), _) => Some(l),
-                (None, Some(ls)) => match self.dir {
-                    Dir::Up => ls.upstream.as_ref(),
-                    Dir::Down => ls.downstream.as_ref(),
-                },
-                _ => None,
-            };
+            let allowance = self.conn.allowance(pol)?;
+            let limiter = limiter_for(&self.own, &act, self.dir);
 
             // Plan the next write: when it may happen, how much, and the tokens it needs.
             let now = Instant::now();
