@@ -148,3 +148,51 @@ fn requests_have_spans_inside_their_connection_span() {
         }
     }
 }
+
+#[test]
+fn tcp_connections_have_a_root_span() {
+    let rec = Recorder::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(rec.clone(), || {
+        rt.block_on(async {
+            let config = EdgeConfig {
+                info: EdgeInfo {
+                    env: "env1".into(),
+                    edge: "web/db".into(),
+                    source: "web".into(),
+                    egress: "db".into(),
+                    target: "db".into(),
+                    ingress: "tcp".into(),
+                    protocol: Protocol::Tcp,
+                },
+                // Answers "ok" to whatever it reads, which is all this needs.
+                target: target().await,
+                chaos: ChaosSpec::default(),
+            };
+            let edge = Edge::bind(config, "127.0.0.1:0".parse().unwrap(), EventSender::new(16))
+                .await
+                .unwrap();
+            let mut c = TcpStream::connect(edge.local_addr()).await.unwrap();
+            c.write_all(b"ping").await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(b"ok") {
+                let n = c.read(&mut buf).await.unwrap();
+                assert!(n > 0, "edge closed the connection");
+                got.extend_from_slice(&buf[..n]);
+            }
+            drop(c);
+            edge.shutdown().await;
+        });
+    });
+    let spans = rec.spans.lock().unwrap().clone();
+    let conns: Vec<&Opened> = spans.iter().filter(|s| s.name == "connection").collect();
+    assert_eq!(conns.len(), 1, "one connection span: {spans:?}");
+    assert_eq!(conns[0].parent, None, "a connection span is a root");
+    for f in ["env", "edge", "protocol", "conn", "peer"] {
+        assert!(conns[0].fields.contains(&f), "connection span has {f}");
+    }
+}
