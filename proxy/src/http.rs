@@ -2,18 +2,18 @@
 //!
 //! Downstream, hyper-util's `auto` server speaks HTTP/1.1 (keep-alive) and HTTP/2 cleartext
 //! (prior knowledge) on the same port. Upstream, HTTP/1 requests go out over HTTP/1.1 on an
-//! upstream connection kept by their downstream connection ([`upstream`]); HTTP/2 requests (and
+//! upstream connection kept by their downstream connection (`upstream`); HTTP/2 requests (and
 //! everything on a grpc edge) go over h2c through a hyper-util pooled client built once per
 //! edge. Bodies stream both ways frame by frame, trailers included.
 //!
 //! Per request, in this order and only for requests the policy's `match` selects:
 //! partition (`reject` answers at once, `blackhole` holds), hang, error, latency, then bandwidth
-//! on the body frames ([`body::Throttle`]). A request held by a blackhole or a hang is released
+//! on the body frames (`body::Throttle`). A request held by a blackhole or a hang is released
 //! when the policy changes and is then handled under the new policy; a latency delay released
 //! early simply forwards. Throttled bodies follow policy changes as they stream. A new
 //! partition that cuts existing connections (the default, unless `keep_connections` or a
 //! `match` scopes it) drops every open downstream connection with whatever is in flight, as a
-//! network cut would. Every response rig makes up comes from [`respond`], which marks it with
+//! network cut would. Every response rig makes up comes from `respond`, which marks it with
 //! [`crate::INJECTED_HEADER`].
 //!
 //! Events: `request.started` on arrival; `request.completed` when the response body ends
@@ -62,11 +62,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
-use crate::edge::{Active, EdgeCtx, hold};
+use crate::context::{EdgeCtx, hold};
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
 use crate::policy::{ChaosPolicy, HangThen, PartitionMode};
+use crate::snapshot::Active;
 
 use body::{ClientBody, ConnLimiters, Dir, DownBody, Obs, Throttle, UpBody};
 use respond::Rescue;
@@ -177,7 +178,12 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>, limits: Http
             Ok(a) => a,
             Err(e)
                 if crate::limits::is_fd_exhausted(&e)
-                    && crate::tcp::shed(&listener, &ctx, &mut reserve).await =>
+                    && crate::limits::shed(
+                        &listener,
+                        &ctx.info.edge,
+                        &ctx.metrics,
+                        &mut reserve,
+                    ) =>
             {
                 continue;
             }
@@ -193,12 +199,11 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>, limits: Http
         if let Err(e) = stream.set_nodelay(true) {
             debug!(edge = %ctx.info.edge, error = %e, "cannot set TCP_NODELAY");
         }
-        ctx.tracker.spawn(serve_connection(
-            proxy.clone(),
-            builder.clone(),
-            stream,
-            peer,
-        ));
+        let id = ctx.next_id();
+        let span = ctx.connection_span(id, peer);
+        ctx.tracker.spawn(
+            serve_connection(proxy.clone(), builder.clone(), stream, id, peer).instrument(span),
+        );
     }
     debug!(edge = %ctx.info.edge, "http edge stopped accepting");
 }
@@ -217,11 +222,12 @@ async fn serve_connection(
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
+    id: u64,
     peer: SocketAddr,
 ) {
     let ctx = proxy.ctx.clone();
     let conn = Arc::new(ConnState {
-        id: ctx.next_id(),
+        id,
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
         limiters: Arc::default(),
@@ -242,10 +248,11 @@ async fn serve_connection(
     let svc = {
         let proxy = proxy.clone();
         let conn = conn.clone();
-        hyper::service::service_fn(move |req| {
+        hyper::service::service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let conn = conn.clone();
-            async move { proxy.handle(conn, req).await }
+            let (id, span) = request_span(&proxy.ctx, &req);
+            async move { proxy.handle(conn, req, id).await }.instrument(span)
         })
     };
     // Boxed rather than pinned on the stack so it can be dropped before the upstream
@@ -333,6 +340,25 @@ fn conn_info(
     }
 }
 
+/// The span of one request, a child of its connection's span (the current one when hyper calls
+/// the service), with the request id its events carry. The id is drawn here only for an enabled
+/// span; otherwise [`Obs::start`] draws one if an event listener will see it. Debug level, like
+/// the connection span: disabled at rigd's default `info`, where it costs a cached-interest
+/// check and formats nothing.
+fn request_span<B>(ctx: &EdgeCtx, req: &Request<B>) -> (Option<u64>, tracing::Span) {
+    let span = tracing::debug_span!(
+        "request",
+        id = tracing::field::Empty,
+        method = req.method().as_str(),
+        path = req.uri().path(),
+    );
+    let id = (!span.is_disabled()).then(|| ctx.next_id());
+    if let Some(id) = id {
+        span.record("id", id);
+    }
+    (id, span)
+}
+
 /// True when nothing in the policy acts on http requests.
 fn passthrough(p: &ChaosPolicy) -> bool {
     p.latency.is_none()
@@ -386,8 +412,9 @@ impl Proxy {
         self: Arc<Self>,
         conn: Arc<ConnState>,
         req: Request<Incoming>,
+        id: Option<u64>,
     ) -> Result<Response<DownBody>, Closed> {
-        let mut obs = Obs::start(&self.ctx, self.grpc, &req);
+        let mut obs = Obs::start(&self.ctx, self.grpc, &req, id);
         let mut active = self.ctx.cell.current();
         let plan = loop {
             if passthrough(&active.policy) || !self.selected(&active, &req) {
@@ -697,6 +724,120 @@ impl AsyncWrite for CountingIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tracing::level_filters::LevelFilter;
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Metadata};
+
+    /// A subscriber that listens up to `0`, as rigd's `fmt` subscriber at that filter does.
+    struct UpTo(Level);
+
+    impl tracing::Subscriber for UpTo {
+        fn enabled(&self, m: &Metadata<'_>) -> bool {
+            *m.level() <= self.0
+        }
+        fn max_level_hint(&self) -> Option<LevelFilter> {
+            Some(LevelFilter::from_level(self.0))
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &Event<'_>) {}
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    fn ctx() -> EdgeCtx {
+        let info = Arc::new(crate::EdgeInfo {
+            env: "e".into(),
+            edge: "a/b".into(),
+            source: "a".into(),
+            egress: "b".into(),
+            target: "c".into(),
+            ingress: "d".into(),
+            protocol: crate::Protocol::Http,
+        });
+        let events = crate::EventSender::new(4);
+        let metrics = crate::metrics::EdgeMetrics::new(&info);
+        let cell = crate::snapshot::PolicyCell::new(
+            crate::Protocol::Http,
+            crate::ChaosSpec::default(),
+            info.clone(),
+            events.clone(),
+            metrics.clone(),
+        )
+        .unwrap();
+        EdgeCtx::new(info, "127.0.0.1:1".parse().unwrap(), cell, events, metrics)
+    }
+
+    /// Connection and request spans are there at debug, and off (no request id drawn either)
+    /// at rigd's default `info`.
+    #[test]
+    fn connection_and_request_spans_are_debug_only() {
+        let ctx = ctx();
+        let peer: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let req = Request::get("/a?secret=1").body(()).unwrap();
+        tracing::subscriber::with_default(UpTo(Level::INFO), || {
+            assert!(ctx.connection_span(1, peer).is_disabled());
+            let (id, span) = request_span(&ctx, &req);
+            assert!(span.is_disabled());
+            assert_eq!(id, None, "no id drawn for nobody");
+        });
+        tracing::subscriber::with_default(UpTo(Level::DEBUG), || {
+            let conn = ctx.connection_span(1, peer);
+            assert!(!conn.is_disabled());
+            let _in_conn = conn.enter();
+            let (id, span) = request_span(&ctx, &req);
+            assert!(!span.is_disabled());
+            assert!(id.is_some());
+            let fields = span.metadata().unwrap().fields();
+            for f in ["id", "method", "path"] {
+                assert!(fields.field(f).is_some(), "request span has {f}");
+            }
+        });
+    }
+
+    /// What a request pays for its (disabled) span when nobody listens at debug. Timing, so not
+    /// run by default: `cargo test -p rig-proxy --release --lib disabled_span_cost -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn disabled_span_cost() {
+        let ctx = ctx();
+        let peer: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let req = Request::get("/some/path").body(()).unwrap();
+        let n = 1_000_000u32;
+        let per = |took: Duration| took.as_nanos() as f64 / f64::from(n);
+        let run = || {
+            let t = Instant::now();
+            for i in 0..n {
+                std::hint::black_box(ctx.connection_span(u64::from(i), peer));
+            }
+            let conn = t.elapsed();
+            let t = Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(request_span(&ctx, &req));
+            }
+            (conn, t.elapsed())
+        };
+        for (name, sub) in [
+            ("info subscriber", Some(Level::INFO)),
+            ("no subscriber", None),
+            ("info subscriber, again", Some(Level::INFO)),
+        ] {
+            let (conn, req) = match sub {
+                None => run(),
+                Some(l) => tracing::subscriber::with_default(UpTo(l), run),
+            };
+            println!(
+                "{name}: connection span {:.1} ns, request span {:.1} ns",
+                per(conn),
+                per(req)
+            );
+        }
+    }
 
     #[test]
     fn requests_go_upstream_in_origin_form() {

@@ -17,6 +17,9 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use tokio::net::TcpListener;
+
+use crate::metrics::EdgeMetrics;
 
 /// Raise the soft `RLIMIT_NOFILE` to the hard limit. Returns the `(soft, hard)` now in force.
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
@@ -90,7 +93,7 @@ impl Reserve {
     }
 }
 
-/// Log, at most once per [`WARN_EVERY`] for the whole process, that `what` was refused on
+/// Log, at most once per `WARN_EVERY` (5 s) for the whole process, that `what` was refused on
 /// `edge` for want of file descriptors; the refusals in between are counted in the next line.
 pub fn warn_fd_limit(edge: &str, what: &str) {
     static LAST: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
@@ -108,6 +111,46 @@ pub fn warn_fd_limit(edge: &str, what: &str) {
         also_refused = also,
         "out of file descriptors: {what} refused (raise RLIMIT_NOFILE)"
     );
+}
+
+/// Out of file descriptors with a connection waiting (both accept loops call this): free the reserve descriptor, accept the
+/// connection and reset it at once (the client sees a refusal, not a hang in the backlog),
+/// count it and take the reserve back, all under the exclusive [`fd_gate`] so no
+/// other thread takes the freed slot. False when there was no reserve to free or nothing could
+/// be accepted (the caller backs off).
+pub(crate) fn shed(
+    listener: &TcpListener,
+    edge: &str,
+    metrics: &EdgeMetrics,
+    reserve: &mut Reserve,
+) -> bool {
+    let _gate = fd_gate_exclusive();
+    if !reserve.release() {
+        reserve.restore();
+        return false;
+    }
+    // One non-blocking try (no await while holding the gate): the listener is still readable,
+    // since the accept that failed with EMFILE did not clear its readiness.
+    let accepted = {
+        let accept = std::pin::pin!(listener.accept());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::future::Future::poll(accept, &mut cx) {
+            std::task::Poll::Ready(r) => r.ok(),
+            std::task::Poll::Pending => None,
+        }
+    };
+    let shed = match accepted {
+        Some((stream, _)) => {
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            metrics.refused_fd_limit();
+            reserve.warn(edge, "new connection");
+            true
+        }
+        None => false,
+    };
+    reserve.restore();
+    shed
 }
 
 #[cfg(test)]

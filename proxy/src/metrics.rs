@@ -18,6 +18,9 @@
 //! | `rig_edge_client_errors_total` | counter | `reason` | http/grpc requests rig failed because of the client (`body_timeout`: 408, `malformed_body`, `invalid_request`: 400) |
 //! | `rig_edge_upstream_idle_closed_total` | counter | `reason` | idle upstream connections rig closed (`idle_timeout`, `pool_full`) |
 //! | `rig_edge_splice_pipes_open` | gauge | none: process-wide, no edge labels | `splice(2)` pipes open in the process, held by a tcp direction moving bytes or idle in the pool (at most 64 idle) |
+//!
+//! Every metric name is a constant here and every `metrics` macro call is in this file
+//! (`tests/layering.rs` checks it), so the table above is the whole list.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -37,6 +40,8 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "rig_edge_connections_refused_total"
 pub const POLICY_VERSION: &str = "rig_edge_policy_version";
 pub const CLIENT_ERRORS_TOTAL: &str = "rig_edge_client_errors_total";
 pub const UPSTREAM_IDLE_CLOSED_TOTAL: &str = "rig_edge_upstream_idle_closed_total";
+/// Process-wide, no labels: the tcp edges' splice(2) pipes share one pool.
+pub const SPLICE_PIPES_OPEN: &str = "rig_edge_splice_pipes_open";
 
 /// `reason` of [`CLIENT_ERRORS_TOTAL`]: the request body sent nothing for the body idle timeout.
 pub const CLIENT_BODY_TIMEOUT: &str = "body_timeout";
@@ -92,6 +97,19 @@ pub fn describe() {
         UPSTREAM_IDLE_CLOSED_TOTAL,
         "Idle upstream connections an edge closed, by reason"
     );
+}
+
+/// The gauge of [`SPLICE_PIPES_OPEN`], described the first time a pipe is counted (the pool
+/// is process-wide, so this is a process-wide gauge, not an [`EdgeMetrics`] one).
+pub(crate) fn splice_pipes_open() -> &'static Gauge {
+    static G: OnceLock<Gauge> = OnceLock::new();
+    G.get_or_init(|| {
+        metrics::describe_gauge!(
+            SPLICE_PIPES_OPEN,
+            "splice(2) pipes open in the process (held while a tcp direction moves bytes, or idle in the pool)"
+        );
+        metrics::gauge!(SPLICE_PIPES_OPEN)
+    })
 }
 
 const COMMON_STATUSES: usize = 32;

@@ -7,7 +7,7 @@
 //!    by a policy change, closed when its duration runs out), and a full blackhole (read and
 //!    discard until the partition lifts; the target is only dialled then);
 //! 2. connect to the edge's target (never anywhere else);
-//! 3. relay, one [`Pump`] per direction, joined in the same task. A pump relays with splice(2)
+//! 3. relay, one `Pump` per direction, joined in the same task. A pump relays with splice(2)
 //!    through a pipe while the policy is passthrough, and with a copy loop that applies the
 //!    faults otherwise; it re-reads the policy between chunks and wakes on every policy change
 //!    even when idle, so a new policy acts on open connections from the next chunk.
@@ -30,12 +30,13 @@ use bytes::{Buf, Bytes};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
-use crate::edge::{Active, EdgeCtx, Limiter};
+use crate::context::EdgeCtx;
 use crate::events::{ConnectionInfo, EventKind, FaultKind};
-use crate::limits::{Reserve, is_fd_exhausted};
+use crate::limits::{Reserve, is_fd_exhausted, shed};
 use crate::policy::{BandwidthFault, ChaosPolicy, Direction, Latency};
+use crate::snapshot::{Active, Limiter};
 
 use self::splice::Pipe;
 
@@ -70,10 +71,14 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
                 // the same faults to the same sequence of connections on every run.
                 let act = ctx.cell.current();
                 let fate = Fate::draw(&act);
+                let id = ctx.next_id();
+                let span = ctx.connection_span(id, peer);
                 ctx.tracker
-                    .spawn(handle(ctx.clone(), stream, peer, act, fate));
+                    .spawn(handle(ctx.clone(), stream, id, peer, act, fate).instrument(span));
             }
-            Err(e) if is_fd_exhausted(&e) && shed(&listener, &ctx, &mut reserve).await => {}
+            Err(e)
+                if is_fd_exhausted(&e)
+                    && shed(&listener, &ctx.info.edge, &ctx.metrics, &mut reserve) => {}
             Err(e) => {
                 debug!(edge = %ctx.info.edge, error = %e, "accept failed");
                 // Out of file descriptors or memory: back off instead of spinning on the error.
@@ -87,41 +92,6 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<EdgeCtx>) {
         }
     }
     debug!(edge = %ctx.info.edge, "tcp edge stopped accepting");
-}
-
-/// Out of file descriptors with a connection waiting: free the reserve descriptor, accept the
-/// connection and reset it at once (the client sees a refusal, not a hang in the backlog),
-/// count it and take the reserve back, all under the exclusive [`fd_gate`](crate::limits) so no
-/// other thread takes the freed slot. False when there was no reserve to free or nothing could
-/// be accepted (the caller backs off).
-pub(crate) async fn shed(listener: &TcpListener, ctx: &EdgeCtx, reserve: &mut Reserve) -> bool {
-    let _gate = crate::limits::fd_gate_exclusive();
-    if !reserve.release() {
-        reserve.restore();
-        return false;
-    }
-    // One non-blocking try (no await while holding the gate): the listener is still readable,
-    // since the accept that failed with EMFILE did not clear its readiness.
-    let accepted = {
-        let accept = std::pin::pin!(listener.accept());
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match std::future::Future::poll(accept, &mut cx) {
-            std::task::Poll::Ready(r) => r.ok(),
-            std::task::Poll::Pending => None,
-        }
-    };
-    let shed = match accepted {
-        Some((stream, _)) => {
-            let _ = stream.set_zero_linger();
-            drop(stream);
-            ctx.metrics.refused_fd_limit();
-            reserve.warn(&ctx.info.edge, "new connection");
-            true
-        }
-        None => false,
-    };
-    reserve.restore();
-    shed
 }
 
 /// Dial `addr` with the socket made under the [`fd_gate`](crate::limits::fd_gate).
@@ -241,6 +211,23 @@ fn rate_for(bw: &BandwidthFault, dir: Dir) -> Option<u64> {
     }
 }
 
+/// The bandwidth limiter of `dir`: the connection's own (`bandwidth_per_connection`), else the
+/// edge-wide one of the snapshot.
+fn limiter_for<'a>(
+    own: &'a Option<(BandwidthFault, Limiter)>,
+    act: &'a Active,
+    dir: Dir,
+) -> Option<&'a Limiter> {
+    match (own, &act.limiters) {
+        (Some((_, l)), _) => Some(l),
+        (None, Some(ls)) => match dir {
+            Dir::Up => ls.upstream.as_ref(),
+            Dir::Down => ls.downstream.as_ref(),
+        },
+        _ => None,
+    }
+}
+
 /// An io error as an event reads it: `connection reset`, `broken pipe`.
 fn describe(e: &io::Error) -> String {
     let kind = e.kind().to_string();
@@ -331,6 +318,23 @@ impl Conn {
         }
     }
 
+    /// How many more bytes may pass, both ways together, under the error fault's `reset_after`
+    /// and `limit_data`; the end of the connection once a budget is spent.
+    fn allowance(&self, pol: &ChaosPolicy) -> Result<usize, End> {
+        let passed = self.passed();
+        let doom = self.doom.load(Ordering::Relaxed);
+        if passed >= doom {
+            self.fault(FaultKind::Reset);
+            return Err(End::Reset("reset by chaos".into()));
+        }
+        let limit = pol.limit_data.unwrap_or(u64::MAX);
+        if passed >= limit {
+            self.fault(FaultKind::LimitData);
+            return Err(End::Close(Some("data limit reached".into())));
+        }
+        Ok(usize::try_from(doom.min(limit) - passed).unwrap_or(usize::MAX))
+    }
+
     /// A connection opened before a partition with `cut_existing` arrived is reset by it.
     fn cut_by(&self, act: &Active) -> Result<(), End> {
         if let Some(p) = act.policy.partition
@@ -402,7 +406,7 @@ impl Conn {
         {
             self.fault(FaultKind::Hang);
             let elapsed = tokio::select! {
-                full = crate::edge::hold(&self.ctx, act.version, h.duration) => full,
+                full = crate::context::hold(&self.ctx, act.version, h.duration) => full,
                 _ = client_gone(client) => return Err(End::Close(None)),
             };
             if elapsed {
@@ -502,6 +506,7 @@ async fn client_gone(client: &TcpStream) {
 async fn handle(
     ctx: Arc<EdgeCtx>,
     client: TcpStream,
+    id: u64,
     peer: SocketAddr,
     act: Arc<Active>,
     fate: Fate,
@@ -509,7 +514,7 @@ async fn handle(
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let conn = Conn {
-        id: ctx.next_id(),
+        id,
         peer,
         accepted: act.version,
         up: AtomicU64::new(0),
@@ -863,28 +868,8 @@ impl<'a> Pump<'a> {
                 return Ok(());
             }
 
-            // Byte budgets of the error fault's reset_after and of limit_data, both ways.
-            let passed = self.conn.passed();
-            let doom = self.conn.doom.load(Ordering::Relaxed);
-            if passed >= doom {
-                self.conn.fault(FaultKind::Reset);
-                return Err(End::Reset("reset by chaos".into()));
-            }
-            let limit = pol.limit_data.unwrap_or(u64::MAX);
-            if passed >= limit {
-                self.conn.fault(FaultKind::LimitData);
-                return Err(End::Close(Some("data limit reached".into())));
-            }
-            let allowance = usize::try_from(doom.min(limit) - passed).unwrap_or(usize::MAX);
-
-            let limiter: Option<&Limiter> = match (&self.own, &act.limiters) {
-                (Some((_, l)), _) => Some(l),
-                (None, Some(ls)) => match self.dir {
-                    Dir::Up => ls.upstream.as_ref(),
-                    Dir::Down => ls.downstream.as_ref(),
-                },
-                _ => None,
-            };
+            let allowance = self.conn.allowance(pol)?;
+            let limiter = limiter_for(&self.own, &act, self.dir);
 
             // Plan the next write: when it may happen, how much, and the tokens it needs.
             let now = Instant::now();

@@ -16,11 +16,12 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::edge::{Active, EdgeCtx, Limiter, Limiters};
+use crate::context::EdgeCtx;
 use crate::events::{EventKind, FaultKind, RequestInfo};
 use crate::metrics::EdgeMetrics;
 use crate::policy::BandwidthFault;
 use crate::policy::{GrpcCode, grpc_path_parts};
+use crate::snapshot::{Active, Limiter, Limiters};
 use tokio::sync::watch;
 
 use super::grpc;
@@ -563,8 +564,14 @@ pub(crate) struct Obs {
 }
 
 impl Obs {
-    /// A request arrived: note the time and tell listeners.
-    pub(crate) fn start(ctx: &Arc<EdgeCtx>, grpc: bool, req: &Request<Incoming>) -> Obs {
+    /// A request arrived: note the time and tell listeners. `id` is the request's, when it
+    /// was drawn for its span or its events.
+    pub(crate) fn start(
+        ctx: &Arc<EdgeCtx>,
+        grpc: bool,
+        req: &Request<Incoming>,
+        id: Option<u64>,
+    ) -> Obs {
         let start = Instant::now();
         let (info, request_bytes) = if ctx.events.has_subscribers() {
             let path = req.uri().path();
@@ -573,7 +580,7 @@ impl Obs {
                 None => (None, None),
             };
             let info = RequestInfo {
-                request_id: ctx.next_id(),
+                request_id: id.unwrap_or_else(|| ctx.next_id()),
                 method: req.method().as_str().to_owned(),
                 path: path.to_owned(),
                 grpc_service,

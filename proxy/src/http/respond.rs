@@ -10,9 +10,9 @@ use http::{Response, StatusCode};
 use tracing::debug;
 
 use crate::INJECTED_HEADER;
-use crate::edge::Active;
 use crate::metrics;
-use crate::policy::GrpcCode;
+use crate::policy::{ErrorFault, GrpcCode};
+use crate::snapshot::Active;
 
 use super::Proxy;
 use super::body::{BodyFailure, BodyWatch, ClientBodyError, DownBody, Obs};
@@ -80,134 +80,112 @@ impl Proxy {
         mut obs: Obs,
     ) -> Response<DownBody> {
         let err = active.and_then(|a| a.policy.error.as_ref());
-        // Answer with `connection: close` (HTTP/1; hyper drops it on HTTP/2).
-        let mut close = false;
-        let a = match r {
-            Rescue::Error { status } => Answer {
-                status: StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                code: err.map_or(GrpcCode::Unavailable, |e| e.grpc_code),
-                why: "fault=error",
-                message: match err.and_then(|e| e.grpc_message.clone()) {
-                    Some(m) => m.into(),
-                    None => INJECTED.into(),
-                },
-            },
-            Rescue::PartitionReject => Answer {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                code: GrpcCode::Unavailable,
-                why: "fault=partition",
-                message: "injected by rig: partition".into(),
-            },
-            Rescue::HangTimeout => Answer {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                code: GrpcCode::DeadlineExceeded,
-                why: "fault=hang",
-                message: "injected by rig: hang timed out".into(),
-            },
-            Rescue::Upstream(e) => {
-                self.ctx.metrics.upstream_error();
-                let (why, what) = if e.is_connect() {
-                    ("upstream=unreachable", "upstream unreachable")
-                } else {
-                    ("upstream=error", "upstream failed")
-                };
-                let message = format!("{what}: {}", error_chain(&e));
-                debug!(edge = %self.ctx.info.edge, target = %self.ctx.target, error = %message, "upstream request failed");
-                obs.set_failure(message.clone());
+        // `close`: answer with `connection: close` (HTTP/1; hyper drops it on HTTP/2).
+        let (a, close) = match r {
+            Rescue::Error { status } => (injected_error(status, err), false),
+            Rescue::PartitionReject => (
                 Answer {
-                    status: StatusCode::BAD_GATEWAY,
+                    status: StatusCode::SERVICE_UNAVAILABLE,
                     code: GrpcCode::Unavailable,
-                    why,
-                    message: message.into(),
-                }
-            }
+                    why: "fault=partition",
+                    message: "injected by rig: partition".into(),
+                },
+                false,
+            ),
+            Rescue::HangTimeout => (
+                Answer {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    code: GrpcCode::DeadlineExceeded,
+                    why: "fault=hang",
+                    message: "injected by rig: hang timed out".into(),
+                },
+                false,
+            ),
+            Rescue::Upstream(e) => (self.upstream_failed(&e, &mut obs), false),
             Rescue::BadRequest(what) => {
                 self.ctx
                     .metrics
                     .client_error(metrics::CLIENT_INVALID_REQUEST);
                 obs.set_failure(what);
-                Answer {
-                    status: StatusCode::BAD_REQUEST,
-                    code: GrpcCode::Internal,
-                    why: "request=invalid",
-                    message: what.into(),
-                }
+                (invalid_request(what), false)
             }
             Rescue::MalformedBody => {
                 self.ctx
                     .metrics
                     .client_error(metrics::CLIENT_MALFORMED_BODY);
-                close = true;
                 let what = "malformed request body";
                 obs.set_failure(what);
-                Answer {
-                    status: StatusCode::BAD_REQUEST,
-                    code: GrpcCode::Internal,
-                    why: "request=invalid",
-                    message: what.into(),
-                }
+                (invalid_request(what), true)
             }
-            Rescue::BodyTimeout(d) => {
-                self.ctx.metrics.client_error(metrics::CLIENT_BODY_TIMEOUT);
-                // The rest of the body may still come: the connection cannot carry another
-                // request.
-                close = true;
-                let message = format!(
-                    "request body timed out: the client sent nothing for {} ms",
-                    d.as_millis()
-                );
-                debug!(edge = %self.ctx.info.edge, error = %message, "client body timed out");
-                obs.set_failure(message.clone());
-                Answer {
-                    status: StatusCode::REQUEST_TIMEOUT,
-                    code: GrpcCode::DeadlineExceeded,
-                    why: "request=body_timeout",
-                    message: message.into(),
-                }
-            }
+            // The rest of the body may still come: the connection cannot carry another request.
+            Rescue::BodyTimeout(d) => (self.body_timed_out(d, &mut obs), true),
             Rescue::FdLimit => {
                 self.ctx.metrics.refused_fd_limit();
                 crate::limits::warn_fd_limit(&self.ctx.info.edge, "connection to the target");
                 obs.set_failure(FD_LIMIT_MESSAGE);
-                Answer {
+                let a = Answer {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     code: GrpcCode::Unavailable,
                     why: "rig=fd_limit",
                     message: FD_LIMIT_MESSAGE.into(),
-                }
+                };
+                (a, false)
             }
         };
-        let injected = (
-            HeaderName::from_static(INJECTED_HEADER),
-            HeaderValue::from_static(a.why),
-        );
         if self.grpc {
-            // Trailers-only: the status travels in the headers of an empty, finished response,
-            // which gRPC clients decode as exactly this code and message.
-            let mut h = http::HeaderMap::with_capacity(4);
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            h.insert(
-                grpc::GRPC_STATUS,
-                HeaderValue::from(u16::from(a.code.code())),
-            );
-            h.insert(grpc::GRPC_MESSAGE, grpc::encode_message(&a.message));
-            h.insert(injected.0, injected.1);
-            obs.response_head(StatusCode::OK, &h);
-            let mut resp = Response::new(DownBody::full(Bytes::new(), obs));
-            *resp.headers_mut() = h;
-            return resp;
+            grpc_answer(&a, obs)
+        } else {
+            self.http_answer(&a, err, close, obs)
         }
+    }
+
+    /// The target could not be reached or failed before answering: 502, counted and noted.
+    fn upstream_failed(&self, e: &UpstreamError, obs: &mut Obs) -> Answer {
+        self.ctx.metrics.upstream_error();
+        let (why, what) = if e.is_connect() {
+            ("upstream=unreachable", "upstream unreachable")
+        } else {
+            ("upstream=error", "upstream failed")
+        };
+        let message = format!("{what}: {}", error_chain(e));
+        debug!(edge = %self.ctx.info.edge, target = %self.ctx.target, error = %message, "upstream request failed");
+        obs.set_failure(message.clone());
+        Answer {
+            status: StatusCode::BAD_GATEWAY,
+            code: GrpcCode::Unavailable,
+            why,
+            message: message.into(),
+        }
+    }
+
+    /// The client's request body sent nothing for `d`: 408, the client's failure.
+    fn body_timed_out(&self, d: Duration, obs: &mut Obs) -> Answer {
+        self.ctx.metrics.client_error(metrics::CLIENT_BODY_TIMEOUT);
+        let message = format!(
+            "request body timed out: the client sent nothing for {} ms",
+            d.as_millis()
+        );
+        debug!(edge = %self.ctx.info.edge, error = %message, "client body timed out");
+        obs.set_failure(message.clone());
+        Answer {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: GrpcCode::DeadlineExceeded,
+            why: "request=body_timeout",
+            message: message.into(),
+        }
+    }
+
+    /// An HTTP answer: the error fault's own headers and body, or a JSON body saying why.
+    fn http_answer(
+        &self,
+        a: &Answer,
+        err: Option<&ErrorFault>,
+        close: bool,
+        mut obs: Obs,
+    ) -> Response<DownBody> {
         let mut headers = http::HeaderMap::new();
-        let body = match (&a, err) {
-            (
-                Answer {
-                    why: "fault=error", ..
-                },
-                Some(e),
-            ) => {
+        let body = match err {
+            Some(e) if a.why == "fault=error" => {
                 for (k, v) in &e.headers {
                     if let (Ok(k), Ok(v)) = (
                         HeaderName::from_bytes(k.as_bytes()),
@@ -249,7 +227,7 @@ impl Proxy {
                     .into()
             }
         };
-        headers.insert(injected.0, injected.1);
+        headers.insert(injected_header(), HeaderValue::from_static(a.why));
         if close {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -259,6 +237,53 @@ impl Proxy {
         *resp.headers_mut() = headers;
         resp
     }
+}
+
+/// The error fault's answer, with the HTTP status it picked.
+fn injected_error(status: u16, err: Option<&ErrorFault>) -> Answer {
+    Answer {
+        status: StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        code: err.map_or(GrpcCode::Unavailable, |e| e.grpc_code),
+        why: "fault=error",
+        message: match err.and_then(|e| e.grpc_message.clone()) {
+            Some(m) => m.into(),
+            None => INJECTED.into(),
+        },
+    }
+}
+
+/// A request rig cannot forward: 400, gRPC `INTERNAL`.
+fn invalid_request(what: &'static str) -> Answer {
+    Answer {
+        status: StatusCode::BAD_REQUEST,
+        code: GrpcCode::Internal,
+        why: "request=invalid",
+        message: what.into(),
+    }
+}
+
+fn injected_header() -> HeaderName {
+    HeaderName::from_static(INJECTED_HEADER)
+}
+
+/// Trailers-only: the status travels in the headers of an empty, finished response, which gRPC
+/// clients decode as exactly this code and message.
+fn grpc_answer(a: &Answer, mut obs: Obs) -> Response<DownBody> {
+    let mut h = http::HeaderMap::with_capacity(4);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        grpc::GRPC_STATUS,
+        HeaderValue::from(u16::from(a.code.code())),
+    );
+    h.insert(grpc::GRPC_MESSAGE, grpc::encode_message(&a.message));
+    h.insert(injected_header(), HeaderValue::from_static(a.why));
+    obs.response_head(StatusCode::OK, &h);
+    let mut resp = Response::new(DownBody::full(Bytes::new(), obs));
+    *resp.headers_mut() = h;
+    resp
 }
 
 /// An error and its sources, `outer: inner: root`.

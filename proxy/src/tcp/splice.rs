@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::unistd::{pipe2, read};
@@ -35,22 +35,8 @@ const PIPE_BULK: usize = 256 * 1024;
 /// default 64 MiB `pipe-user-pages-soft`).
 pub(super) const POOL_IDLE_MAX: usize = 64;
 
-/// Pipes open in this process (held by a direction or idle in the pool).
-pub const SPLICE_PIPES_OPEN: &str = "rig_edge_splice_pipes_open";
-
 /// Empty pipes ready for reuse; capacity as they were grown.
 static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
-
-fn pipes_open() -> &'static metrics::Gauge {
-    static G: OnceLock<metrics::Gauge> = OnceLock::new();
-    G.get_or_init(|| {
-        metrics::describe_gauge!(
-            SPLICE_PIPES_OPEN,
-            "splice(2) pipes open in the process (held while a tcp direction moves bytes, or idle in the pool)"
-        );
-        metrics::gauge!(SPLICE_PIPES_OPEN)
-    })
-}
 
 /// An empty pipe: one from the pool, or a new one.
 pub(super) fn take() -> io::Result<Pipe> {
@@ -92,7 +78,7 @@ impl Pipe {
             let _gate = crate::limits::fd_gate();
             pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?
         };
-        pipes_open().increment(1.0);
+        crate::metrics::splice_pipes_open().increment(1.0);
         Ok(Pipe {
             rd,
             wr,
@@ -161,7 +147,7 @@ impl Pipe {
 
 impl Drop for Pipe {
     fn drop(&mut self) {
-        pipes_open().decrement(1.0);
+        crate::metrics::splice_pipes_open().decrement(1.0);
     }
 }
 
