@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use crate::context::EdgeCtx;
 use crate::events::{EdgeInfo, EventSender};
 use crate::metrics::EdgeMetrics;
-use crate::policy::{ChaosSpec, PolicyError, Protocol};
+use crate::policy::{ChaosSpec, PolicyError, Protocol, ValidChaos};
 use crate::snapshot::PolicyCell;
 
 /// Errors starting an edge.
@@ -137,6 +137,23 @@ impl Edge {
     /// this returns; the returned number is its version. On error the old policy stays.
     pub fn set_chaos(&self, spec: ChaosSpec) -> Result<u64, PolicyError> {
         self.ctx.cell.set(spec).map(|a| a.version)
+    }
+
+    /// Install a policy already validated ([`ChaosSpec::validated`]), so a caller that checks
+    /// several edges before changing any validates each policy once. The policy must have been
+    /// validated for this edge's protocol; returns its version.
+    pub fn install(&self, valid: ValidChaos) -> Result<u64, PolicyError> {
+        if valid.protocol() != self.ctx.info.protocol {
+            return Err(PolicyError::new(
+                "protocol",
+                format!(
+                    "validated for a {} edge, installed on a {} edge",
+                    valid.protocol(),
+                    self.ctx.info.protocol
+                ),
+            ));
+        }
+        Ok(self.ctx.cell.install(valid).version)
     }
 
     /// Go back to no chaos; releases held requests at once. Returns the new version.

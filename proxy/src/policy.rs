@@ -864,6 +864,44 @@ pub fn grpc_path_parts(path: &str) -> Option<(&str, &str)> {
     (!svc.is_empty() && !method.is_empty() && !method.contains('/')).then_some((svc, method))
 }
 
+/// A spec that passed [`ChaosSpec::validated`] for one protocol, with the policy it yields: what
+/// an edge installs without validating again ([`crate::Edge::install`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidChaos {
+    spec: ChaosSpec,
+    policy: ChaosPolicy,
+    protocol: Protocol,
+}
+
+impl ValidChaos {
+    /// The spec as the user wrote it (what events and `chaos get` show).
+    pub fn spec(&self) -> &ChaosSpec {
+        &self.spec
+    }
+
+    /// The protocol it was validated for.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The spec and its policy.
+    pub fn into_parts(self) -> (ChaosSpec, ChaosPolicy) {
+        (self.spec, self.policy)
+    }
+}
+
+impl ChaosSpec {
+    /// Validates for `protocol` ([`ChaosSpec::validate`]), keeping the spec with its policy.
+    pub fn validated(self, protocol: Protocol) -> Result<ValidChaos, PolicyError> {
+        let policy = self.validate(protocol)?;
+        Ok(ValidChaos {
+            spec: self,
+            policy,
+            protocol,
+        })
+    }
+}
+
 /// The validated chaos policy of one edge. `ChaosPolicy::default()` is "no chaos".
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChaosPolicy {

@@ -22,7 +22,9 @@ use tokio::sync::watch;
 
 use crate::events::{EdgeInfo, EventKind, EventSender};
 use crate::metrics::EdgeMetrics;
-use crate::policy::{BandwidthFault, ChaosPolicy, ChaosSpec, Delay, PolicyError, Protocol};
+use crate::policy::{
+    BandwidthFault, ChaosPolicy, ChaosSpec, Delay, PolicyError, Protocol, ValidChaos,
+};
 
 /// A token-bucket pair for the two directions.
 #[derive(Debug)]
@@ -242,7 +244,12 @@ impl PolicyCell {
 
     /// Validate and install `spec`; returns the new snapshot. On error nothing changes.
     pub fn set(self: &Arc<Self>, spec: ChaosSpec) -> Result<Arc<Active>, PolicyError> {
-        let policy = spec.validate(self.protocol)?;
+        Ok(self.install(spec.validated(self.protocol)?))
+    }
+
+    /// Install a policy validated for this cell's protocol (the caller checks the protocol).
+    pub fn install(self: &Arc<Self>, valid: ValidChaos) -> Arc<Active> {
+        let (spec, policy) = valid.into_parts();
         let ttl = policy.ttl;
         let active = {
             let _g = self.set_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -256,7 +263,7 @@ impl PolicyCell {
             self.schedule_revert(active.version, ttl);
         }
         tracing::debug!(edge = %self.info.edge, version = active.version, "chaos policy set");
-        Ok(active)
+        active
     }
 
     fn schedule_revert(self: &Arc<Self>, version: u64, ttl: Duration) {

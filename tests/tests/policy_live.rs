@@ -79,3 +79,17 @@ async fn an_invalid_policy_changes_nothing() {
     assert_eq!(e.chaos(), (1, spec("latency = \"10ms\"")));
     assert_eq!(e.clear_chaos(), 2);
 }
+
+#[tokio::test]
+async fn a_validated_policy_installs_once_and_only_on_its_protocol() {
+    let events = EventSender::new(16);
+    let e = edge(ChaosSpec::default(), &events).await;
+    let for_tcp = spec("reset_after = 10").validated(Protocol::Tcp).unwrap();
+    let err = e.install(for_tcp).unwrap_err();
+    assert_eq!(err.field, "protocol", "{err}");
+    assert_eq!(e.chaos(), (1, ChaosSpec::default()), "nothing changed");
+
+    let for_http = spec("latency = \"5ms\"").validated(Protocol::Http).unwrap();
+    assert_eq!(e.install(for_http).unwrap(), 2);
+    assert_eq!(e.chaos(), (2, spec("latency = \"5ms\"")));
+}

@@ -834,23 +834,24 @@ impl Env {
             {
                 spec.seed = Some(derive_seed(seed, &e.source, &e.egress));
             }
-            spec.validate(e.protocol)
-                .map_err(|source: PolicyError| RegistryError::Policy {
+            let valid = spec.validated(e.protocol).map_err(|source: PolicyError| {
+                RegistryError::Policy {
                     edge: e.name.clone(),
                     protocol: e.protocol,
                     source,
-                })?;
-            plan.push((*e, proxy, spec));
+                }
+            })?;
+            plan.push((*e, proxy, valid));
         }
         let mut out = Vec::new();
-        for (e, proxy, spec) in plan {
+        // Each policy was validated once, above; installing it cannot fail on its content.
+        for (e, proxy, valid) in plan {
             let (old_version, old) = proxy.chaos();
-            let version = proxy
-                .set_chaos(spec.clone())
-                .map_err(|err| RegistryError::Edge {
-                    edge: e.name.clone(),
-                    message: err.to_string(),
-                })?;
+            let spec = valid.spec().clone();
+            let version = proxy.install(valid).map_err(|err| RegistryError::Edge {
+                edge: e.name.clone(),
+                message: err.to_string(),
+            })?;
             metrics::counter!("rig_chaos_changes_total", "env" => self.name.clone(), "edge" => e.name.clone()).increment(1);
             self.log.publish(NewEvent {
                 env: self.name.clone(),
