@@ -268,6 +268,19 @@ pub fn describe_status(status: &tonic::Status, addr: &DaemonAddr) -> String {
                 format!("lost the connection to rigd at {addr}: {cause}")
             }
         }
+        // tonic's words for an answer that was HTTP but not gRPC: something else listens there.
+        _ if status.message().starts_with("grpc-status header missing") => {
+            let http = status
+                .message()
+                .rsplit(' ')
+                .next()
+                .filter(|c| c.parse::<u16>().is_ok())
+                .map(|c| format!(" with HTTP {c}"))
+                .unwrap_or_default();
+            format!(
+                "the server at {addr} answered{http}, not as rigd does: is --addr (or RIG_ADDR) rigd's address?"
+            )
+        }
         _ if status.message().is_empty() => format!("rigd answered {}", status.code()),
         _ => status.message().to_string(),
     }
@@ -290,14 +303,40 @@ fn is_connection_refused(err: &tonic::transport::Error) -> bool {
     cause_is_refused(err)
 }
 
-/// The innermost cause's message: the transport's wrappers ("transport error", "client error
-/// (Connect)") are library jargon that tells users nothing.
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+/// What failed, in words: the transport's wrappers ("transport error", "client error
+/// (Connect)", "tcp connect error") are library jargon that tells users nothing, so an I/O
+/// error in the chain is named by its kind ("connection refused"), else the innermost message
+/// is shown without its "(os error N)".
+pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    use std::io::ErrorKind;
     let mut cur = err;
-    while let Some(next) = cur.source() {
-        cur = next;
+    loop {
+        if let Some(io) = cur.downcast_ref::<std::io::Error>() {
+            let words = match io.kind() {
+                ErrorKind::ConnectionRefused => Some("connection refused"),
+                ErrorKind::ConnectionReset => Some("connection reset"),
+                ErrorKind::ConnectionAborted => Some("connection aborted"),
+                ErrorKind::TimedOut => Some("timed out"),
+                ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof => Some("connection closed"),
+                ErrorKind::AddrNotAvailable => Some("address not available"),
+                ErrorKind::HostUnreachable => Some("host unreachable"),
+                ErrorKind::NetworkUnreachable => Some("network unreachable"),
+                _ => None,
+            };
+            if let Some(w) = words {
+                return w.to_string();
+            }
+        }
+        match cur.source() {
+            Some(next) => cur = next,
+            None => break,
+        }
     }
-    cur.to_string()
+    let msg = cur.to_string();
+    match msg.find(" (os error ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg,
+    }
 }
 
 /// `outer: inner: innermost`, skipping links that repeat the previous message.

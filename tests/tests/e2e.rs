@@ -686,3 +686,77 @@ fn collect_pids(v: &serde_json::Value, out: &mut Vec<u32>) {
         _ => {}
     }
 }
+
+/// The columns of the table row of `edge` in `text` (the first table that has one).
+fn row<'a>(text: &'a [String], edge: &str) -> Option<Vec<&'a str>> {
+    text.iter()
+        .find(|l| l.split_whitespace().next() == Some(edge))
+        .map(|l| l.split_whitespace().collect())
+}
+
+#[test]
+fn the_demo_counts_failures_and_shows_every_edge() {
+    let dir = TempDir::new("e2e-demo");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let spec = rig_tests::rigd::workspace_root().join("specs/demo.toml");
+    let mut demo = std::process::Command::new(rig_tests::rigd::bin("rigctl"))
+        .args(["--addr", &addr, "demo", "--step", "4s", "--spec"])
+        .arg(&spec)
+        .env("RIG_STATE_DIR", dir.path())
+        .env_remove("RIG_TOKEN")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = line_reader(demo.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    wait_for_line(&lines, |l| l.contains("── 3/5"), &mut seen);
+    let step1_at = seen.iter().position(|l| l.contains("── 1/5")).unwrap();
+    let step2_at = seen.iter().position(|l| l.contains("── 2/5")).unwrap();
+    let (step1, step2) = (&seen[step1_at..step2_at], &seen[step2_at..]);
+    // Every edge, the tcp one included (it carries connections and bytes, not requests).
+    for edge in ["traffic/web", "web/catalog"] {
+        assert!(
+            row(step1, edge).is_some(),
+            "{edge} in step 1:\n{}",
+            seen.join("\n")
+        );
+    }
+    let store = row(step1, "catalog/store")
+        .unwrap_or_else(|| panic!("the tcp edge in step 1:\n{}", seen.join("\n")));
+    assert_ne!(
+        store[3..5],
+        ["0", "B"],
+        "bytes went to the store: {store:?}"
+    );
+    assert!(row(step2, "catalog/store").is_some(), "{}", seen.join("\n"));
+    // FAILED counts every answer that is a failure (5xx, UNAVAILABLE...), not only the requests
+    // rig could not answer at all.
+    let mut failures_seen = 0;
+    for edge in ["traffic/web", "web/catalog"] {
+        let cols = row(step2, edge).unwrap_or_else(|| panic!("{edge}:\n{}", seen.join("\n")));
+        let failed: u64 = cols[2].parse().unwrap();
+        let failing_statuses: u64 = cols[3..]
+            .iter()
+            .filter_map(|c| c.split_once('×'))
+            // Statuses are 503 or UNAVAILABLE; the FAULTS column's kinds are lowercase.
+            .filter(|(s, _)| !s.chars().any(|c| c.is_ascii_lowercase()))
+            .filter(|(s, _)| rig_control::cli::status_is_failure(s))
+            .map(|(_, n)| n.parse::<u64>().unwrap())
+            .sum();
+        assert!(
+            failed >= failing_statuses,
+            "{edge}: FAILED {failed} but {failing_statuses} failing answers: {cols:?}"
+        );
+        failures_seen += failed;
+    }
+    // 10% of ~80 calls per edge fail under `flaky`: none at all is a broken count.
+    assert!(failures_seen > 0, "{}", seen.join("\n"));
+    interrupt(&demo);
+    assert!(wait_exit(&mut demo).success());
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "the demo's embedded rigd is gone"
+    );
+}
