@@ -640,36 +640,110 @@ fn up_detach_starts_a_background_rigd_when_none_answers() {
     // rigctl has exited; the environment lives on in the background rigd.
     let ls = rigctl(&["ls"]);
     assert!(String::from_utf8_lossy(&ls.stdout).contains("background"));
-    // Find that rigd by its command line, and stop it as a user would (SIGTERM).
-    let rigd_pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                    c.contains("rigd") && c.contains(&addr)
-                })
-                .unwrap_or(false)
-        })
-        .expect("a background rigd listening on the address");
+    // `daemon status` names the background rigd, its pid and its environment.
+    let st = rigctl(&["--json", "daemon", "status"]);
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("JSON");
+    assert_eq!(st["running"], true, "{st}");
+    assert_eq!(st["address"], addr.as_str(), "{st}");
+    assert_eq!(st["environments"][0]["name"], "background", "{st}");
+    let rigd_pid = st["pid"].as_u64().expect("the pid of the rigd up started") as u32;
+    let text = String::from_utf8_lossy(&rigctl(&["daemon", "status"]).stdout).into_owned();
+    assert!(
+        text.starts_with(&format!("rigd is running at {addr} (pid {rigd_pid}")),
+        "{text}"
+    );
+    assert!(text.contains("background"), "{text}");
+    // That pid listens on the address: it is rigd's, not a guess.
+    let cmdline = std::fs::read(format!("/proc/{rigd_pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains(&addr));
     let ps = rigctl(&["--json", "ps"]);
     assert!(ps.status.success());
     let ps: serde_json::Value = serde_json::from_slice(&ps.stdout).expect("ps --json prints JSON");
     let mut service_pids = Vec::new();
     collect_pids(&ps, &mut service_pids);
     assert_eq!(service_pids.len(), 3, "{ps}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(rigd_pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_all_gone(&[rigd_pid], Duration::from_secs(15));
+
+    // `daemon stop` ends it and its environment, and returns once they are gone.
+    let stop = rigctl(&["daemon", "stop"]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&stop.stdout).trim_end(),
+        format!("stopped rigd at {addr} (pid {rigd_pid}) and its environments: background")
+    );
+    assert!(!alive(rigd_pid), "rigd is gone when stop returns");
     assert_all_gone(&service_pids, Duration::from_secs(5));
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "nothing listens on {addr}"
+    );
     assert!(
         dir.path().join("rigd.log").exists(),
         "the background rigd logs to the state dir"
     );
+    // Afterwards: status says none runs (exit 3), a second stop has nothing to do (exit 0).
+    let st = rigctl(&["daemon", "status"]);
+    assert_eq!(st.status.code(), Some(3));
+    assert_eq!(
+        String::from_utf8_lossy(&st.stdout).trim_end(),
+        format!("no rigd is running at {addr}")
+    );
+    let again = rigctl(&["daemon", "stop"]);
+    assert!(again.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim_end(),
+        format!("no rigd is running at {addr}")
+    );
+}
+
+#[test]
+fn daemon_status_and_stop_of_a_rigd_started_by_hand() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-hand");
+    let spec = chain_spec(&dir, "hand", "");
+    rigd.ok(&["up", "--detach", spec.to_str().unwrap()]);
+    let cmd = |args: &[&str]| {
+        rigd.rigctl_cmd(args)
+            .env("RIG_STATE_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let st = cmd(&["daemon", "status"]);
+    assert!(st.status.success());
+    let text = String::from_utf8_lossy(&st.stdout).into_owned();
+    assert!(
+        text.starts_with(&format!(
+            "rigd is running at {} (not started by `rigctl up --detach`, pid unknown)",
+            rigd.addr
+        )),
+        "{text}"
+    );
+    assert!(text.contains("hand"), "{text}");
+    // rigctl did not start it, so it will not guess which process to signal.
+    let stop = cmd(&["daemon", "stop"]);
+    assert_eq!(stop.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&stop.stderr);
+    assert!(
+        err.contains("was not started by `rigctl up --detach`"),
+        "{err}"
+    );
+    assert!(alive(rigd.child.id()), "rigd still runs");
+    // A pid file whose pid is not that rigd (here: the test itself) is not trusted either.
+    std::fs::write(
+        rig_control::cli::pid_file(dir.path(), rigd.addr),
+        format!("{}\n", std::process::id()),
+    )
+    .unwrap();
+    assert_eq!(cmd(&["daemon", "stop"]).status.code(), Some(1));
+    assert!(alive(rigd.child.id()));
 }
 
 fn collect_pids(v: &serde_json::Value, out: &mut Vec<u32>) {

@@ -239,7 +239,11 @@ async fn start_detached(
     let deadline = Instant::now() + DETACHED_START_TIMEOUT;
     loop {
         match Client::connect(addr, token).await {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                // For `rigctl daemon status` and `rigctl daemon stop`.
+                super::daemon::write_pid_file(&dir, listen, child.id())?;
+                return Ok(c);
+            }
             Err(ClientError::NoDaemon { .. }) => {}
             Err(e) => return Err(e.into()),
         }
