@@ -268,15 +268,9 @@ pub fn describe_status(status: &tonic::Status, addr: &DaemonAddr) -> String {
                 format!("lost the connection to rigd at {addr}: {cause}")
             }
         }
-        // tonic's words for an answer that was HTTP but not gRPC: something else listens there.
-        _ if status.message().starts_with("grpc-status header missing") => {
-            let http = status
-                .message()
-                .rsplit(' ')
-                .next()
-                .filter(|c| c.parse::<u16>().is_ok())
-                .map(|c| format!(" with HTTP {c}"))
-                .unwrap_or_default();
+        // An answer that was HTTP but not gRPC: something else listens there.
+        _ if let Some(http) = non_grpc_answer(status.message()) => {
+            let http = http.map(|h| format!(" HTTP {h}")).unwrap_or_default();
             format!(
                 "the server at {addr} answered{http}, not as rigd does: is --addr (or RIG_ADDR) rigd's address?"
             )
@@ -284,6 +278,19 @@ pub fn describe_status(status: &tonic::Status, addr: &DaemonAddr) -> String {
         _ if status.message().is_empty() => format!("rigd answered {}", status.code()),
         _ => status.message().to_string(),
     }
+}
+
+/// tonic's words for a response that was not gRPC ("grpc-status header missing, mapped from
+/// HTTP status code 404", "protocol error: … while receiving response with status: 404 Not
+/// Found"): `Some` with the HTTP status when it says one.
+fn non_grpc_answer(message: &str) -> Option<Option<String>> {
+    if let Some(rest) = message.strip_prefix("grpc-status header missing") {
+        let code = rest.rsplit(' ').next().filter(|c| c.parse::<u16>().is_ok());
+        return Some(code.map(str::to_string));
+    }
+    let (_, status) = message.split_once("while receiving response with status: ")?;
+    let status = status.trim();
+    Some((!status.is_empty()).then(|| status.to_string()))
 }
 
 fn cause_is_refused(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -426,6 +433,23 @@ mod tests {
             describe_status(&s, &addr),
             "latency: invalid duration \"5xs\""
         );
+        for (tonic_says, http) in [
+            (
+                "grpc-status header missing, mapped from HTTP status code 404",
+                "404",
+            ),
+            (
+                "protocol error: received message with invalid compression flag: 110 (valid flags are 0 and 1) while receiving response with status: 404 Not Found",
+                "404 Not Found",
+            ),
+        ] {
+            assert_eq!(
+                describe_status(&tonic::Status::internal(tonic_says), &addr),
+                format!(
+                    "the server at 127.0.0.1:1 answered HTTP {http}, not as rigd does: is --addr (or RIG_ADDR) rigd's address?"
+                )
+            );
+        }
         let s = tonic::Status::unauthenticated("bad token");
         assert_eq!(
             describe_status(&s, &addr),

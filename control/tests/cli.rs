@@ -646,6 +646,39 @@ fn chaos_lines_per_edge_with_version() {
 }
 
 #[test]
+fn sizes_render_as_numbers_of_bytes_in_text_and_json() {
+    let resp = pb::ChaosResponse {
+        edges: vec![pb::EdgeChaos {
+            env: "demo".into(),
+            edge: "catalog/store".into(),
+            protocol: "tcp".into(),
+            version: 2,
+            chaos: Some(pb::ChaosSpec {
+                reset_after: Some("64KiB".into()),
+                limit_data: Some("1000000".into()),
+                slicer: Some(pb::Slicer {
+                    average_size: "100".into(),
+                    size_variation: "10".into(),
+                    delay: "1ms".into(),
+                }),
+                bandwidth: Some("1MiB/s".into()),
+                ..Default::default()
+            }),
+        }],
+    };
+    assert_eq!(
+        render_chaos(&resp),
+        "catalog/store  version 2  bandwidth = \"1MiB/s\", limit_data = 1000000, reset_after = 65536, \
+         slicer = { average_size = 100, delay = \"1ms\", size_variation = 10 }\n"
+    );
+    assert_eq!(
+        chaos_json(&resp)[0]["chaos"],
+        json!({"bandwidth": "1MiB/s", "limit_data": 1_000_000, "reset_after": 65536,
+               "slicer": {"average_size": 100, "size_variation": 10, "delay": "1ms"}})
+    );
+}
+
+#[test]
 fn progress_lines() {
     let p = |state: &str, service: &str, message: &str| pb::UpProgress {
         env: "demo".into(),

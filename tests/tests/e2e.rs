@@ -746,6 +746,28 @@ fn daemon_status_and_stop_of_a_rigd_started_by_hand() {
     assert!(alive(rigd.child.id()));
 }
 
+#[test]
+fn sizes_in_chaos_print_as_numbers_of_bytes() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-sizes");
+    let spec = chain_spec(&dir, "sizes", "");
+    rigd.ok(&["up", "--detach", spec.to_str().unwrap()]);
+    let out = rigd.ok(&[
+        "chaos",
+        "set",
+        "catalog/store",
+        "--error-rate",
+        "0.1",
+        "--reset-after",
+        "64KiB",
+    ]);
+    assert!(out.contains("reset_after = 65536"), "{out}");
+    let ps = rigd.ok(&["ps"]);
+    assert!(ps.contains("reset_after = 65536"), "{ps}");
+    let got = rigd.json(&["chaos", "get", "catalog/store"]);
+    assert_eq!(got[0]["chaos"]["reset_after"], 65536, "{got}");
+}
+
 fn collect_pids(v: &serde_json::Value, out: &mut Vec<u32>) {
     match v {
         serde_json::Value::Object(m) => {
@@ -833,4 +855,58 @@ fn the_demo_counts_failures_and_shows_every_edge() {
         std::net::TcpStream::connect(&addr).is_err(),
         "the demo's embedded rigd is gone"
     );
+}
+
+#[test]
+fn metrics_with_no_environment_is_not_an_empty_page() {
+    let rigd = Rigd::start();
+    let (code, body) = http_get(&rigd.url("/metrics"), None);
+    assert_eq!(code, 200, "{body}");
+    // A scrape of an idle rigd still says something: how many environments run (none).
+    assert_eq!(prom::value(&body, "rig_environments", &[]), 0.0, "{body}");
+    assert!(body.contains("# TYPE rig_environments gauge"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_say_what_failed_in_words_not_library_jargon() {
+    let rigctl = |addr: String| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(rig_tests::rigd::bin("rigctl"))
+                .args(["--addr", &addr, "ls"])
+                .env_remove("RIG_TOKEN")
+                .output()
+                .unwrap()
+        })
+    };
+    let jargon = [
+        "client error",
+        "transport error",
+        "grpc-status",
+        "os error",
+        "(Connect)",
+    ];
+    // Nothing listens.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let out = rigctl(nobody.clone()).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.starts_with(&format!(
+            "error: cannot connect to rigd at {nobody}: connection refused"
+        )),
+        "{err}"
+    );
+    // Something that is not rigd listens: a plain HTTP server.
+    let web = rig_tests::http_upstream::HttpUpstream::start()
+        .await
+        .unwrap();
+    let out = rigctl(web.addr().to_string()).await.unwrap();
+    let other = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(other.contains(&web.addr().to_string()), "{other}");
+    assert!(other.contains("rigd"), "{other}");
+    for word in jargon {
+        assert!(!err.contains(word), "{word:?} in {err}");
+        assert!(!other.contains(word), "{word:?} in {other}");
+    }
 }
