@@ -910,3 +910,34 @@ async fn errors_say_what_failed_in_words_not_library_jargon() {
         assert!(!other.contains(word), "{word:?} in {other}");
     }
 }
+
+#[test]
+fn a_service_that_cannot_start_is_named_once_with_its_reason_once() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-nostart");
+    let path = dir.path().join("nostart.toml");
+    std::fs::write(
+        &path,
+        "name = \"nostart\"\n[services.catalog]\ncommand = [\"rig-no-such-program\"]\n\
+         [services.catalog.ingresses.default]\nprotocol = \"grpc\"\n",
+    )
+    .unwrap();
+    let out = rigd.rigctl(&["up", "--detach", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed = stdout
+        .lines()
+        .find(|l| l.starts_with('✖'))
+        .unwrap_or_else(|| panic!("a failure line: {stdout}"));
+    assert!(
+        failed.starts_with("✖ catalog failed to start: cannot start \"rig-no-such-program\""),
+        "{failed}"
+    );
+    assert_eq!(failed.matches("catalog").count(), 1, "{failed}");
+    // The reason is on the line above; the error does not say it again.
+    assert_eq!(
+        stderr.trim_end(),
+        "error: nostart did not come up: catalog failed (see above)"
+    );
+}
