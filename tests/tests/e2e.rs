@@ -806,6 +806,17 @@ fn the_demo_counts_failures_and_shows_every_edge() {
         .spawn()
         .unwrap();
     let lines = line_reader(demo.stdout.take().unwrap());
+    // A failed assertion must not leave the demo (and its embedded rigd) running.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let guard = KillOnDrop(demo.id());
     let mut seen = Vec::new();
     wait_for_line(&lines, |l| l.contains("── 3/5"), &mut seen);
     let step1_at = seen.iter().position(|l| l.contains("── 1/5")).unwrap();
@@ -850,7 +861,10 @@ fn the_demo_counts_failures_and_shows_every_edge() {
     // 10% of ~80 calls per edge fail under `flaky`: none at all is a broken count.
     assert!(failures_seen > 0, "{}", seen.join("\n"));
     interrupt(&demo);
-    assert!(wait_exit(&mut demo).success());
+    let exit = wait_exit(&mut demo);
+    // Reaped: its pid may belong to another process now.
+    std::mem::forget(guard);
+    assert!(exit.success());
     assert!(
         std::net::TcpStream::connect(&addr).is_err(),
         "the demo's embedded rigd is gone"
