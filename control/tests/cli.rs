@@ -45,6 +45,27 @@ fn chaos_of(args: &[&str]) -> pb::ChaosSpec {
 }
 
 #[test]
+fn daemon_status_and_stop_parse_and_pid_files_are_per_address() {
+    use rig_control::cli::{DaemonCommand, pid_file};
+    assert!(matches!(
+        parse(&["daemon", "status"]).command,
+        Command::Daemon(DaemonCommand::Status)
+    ));
+    let cli = parse(&["--addr", "127.0.0.1:9000", "daemon", "stop", "--json"]);
+    assert!(matches!(cli.command, Command::Daemon(DaemonCommand::Stop)));
+    assert!(cli.global.json);
+    let dir = std::path::Path::new("/run/rig");
+    assert_eq!(
+        pid_file(dir, "127.0.0.1:7447".parse().unwrap()),
+        dir.join("rigd-127.0.0.1-7447.pid")
+    );
+    assert_eq!(
+        pid_file(dir, "[::1]:7447".parse().unwrap()),
+        dir.join("rigd-__1-7447.pid")
+    );
+}
+
+#[test]
 fn chaos_set_flags_become_the_wire_spec_as_typed() {
     let req = set_request(&[
         "chaos",
