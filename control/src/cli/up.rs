@@ -231,7 +231,7 @@ async fn start_detached(
         .spawn()
         .with_context(|| format!("cannot start {}", rigd.display()))?;
     eprintln!(
-        "no rigd at {addr}: started {} (pid {}, log {})",
+        "no rigd at {addr}: started {} (pid {}, log {}; `rigctl daemon stop` stops it)",
         rigd.display(),
         child.id(),
         log_path.display()
