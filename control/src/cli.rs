@@ -6,6 +6,7 @@
 //! `src/bin/rigctl.rs`.
 
 mod chaos;
+mod daemon;
 mod demo;
 pub mod render;
 mod up;
@@ -25,6 +26,7 @@ use crate::secret::Secret;
 pub use chaos::{
     ChaosSetArgs, EdgeArgs, has_fault, parse_header, read_chaos_file, set_chaos_request,
 };
+pub use daemon::{DAEMON_STOP_TIMEOUT, DaemonCommand, QuietExit, pid_file, recorded_rigd};
 pub use demo::{DemoArgs, demo, find_demo_spec};
 pub use render::*;
 pub use up::{UpArgs, state_dir, up_request};
@@ -111,6 +113,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// A guided tour on the demo environment
     Demo(DemoArgs),
+    /// The rigd at --addr: is one running, stop the one `up --detach` started
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -211,6 +216,7 @@ pub async fn run_with(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => events(g, args).await,
         Command::Logs(args) => logs(g, args).await,
         Command::Demo(args) => demo(g, args).await,
+        Command::Daemon(cmd) => daemon::daemon_command(g, cmd).await,
     }
 }
 

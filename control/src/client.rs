@@ -268,9 +268,29 @@ pub fn describe_status(status: &tonic::Status, addr: &DaemonAddr) -> String {
                 format!("lost the connection to rigd at {addr}: {cause}")
             }
         }
+        // An answer that was HTTP but not gRPC: something else listens there.
+        _ if let Some(http) = non_grpc_answer(status.message()) => {
+            let http = http.map(|h| format!(" HTTP {h}")).unwrap_or_default();
+            format!(
+                "the server at {addr} answered{http}, not as rigd does: is --addr (or RIG_ADDR) rigd's address?"
+            )
+        }
         _ if status.message().is_empty() => format!("rigd answered {}", status.code()),
         _ => status.message().to_string(),
     }
+}
+
+/// tonic's words for a response that was not gRPC ("grpc-status header missing, mapped from
+/// HTTP status code 404", "protocol error: … while receiving response with status: 404 Not
+/// Found"): `Some` with the HTTP status when it says one.
+fn non_grpc_answer(message: &str) -> Option<Option<String>> {
+    if let Some(rest) = message.strip_prefix("grpc-status header missing") {
+        let code = rest.rsplit(' ').next().filter(|c| c.parse::<u16>().is_ok());
+        return Some(code.map(str::to_string));
+    }
+    let (_, status) = message.split_once("while receiving response with status: ")?;
+    let status = status.trim();
+    Some((!status.is_empty()).then(|| status.to_string()))
 }
 
 fn cause_is_refused(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -290,14 +310,40 @@ fn is_connection_refused(err: &tonic::transport::Error) -> bool {
     cause_is_refused(err)
 }
 
-/// The innermost cause's message: the transport's wrappers ("transport error", "client error
-/// (Connect)") are library jargon that tells users nothing.
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+/// What failed, in words: the transport's wrappers ("transport error", "client error
+/// (Connect)", "tcp connect error") are library jargon that tells users nothing, so an I/O
+/// error in the chain is named by its kind ("connection refused"), else the innermost message
+/// is shown without its "(os error N)".
+pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    use std::io::ErrorKind;
     let mut cur = err;
-    while let Some(next) = cur.source() {
-        cur = next;
+    loop {
+        if let Some(io) = cur.downcast_ref::<std::io::Error>() {
+            let words = match io.kind() {
+                ErrorKind::ConnectionRefused => Some("connection refused"),
+                ErrorKind::ConnectionReset => Some("connection reset"),
+                ErrorKind::ConnectionAborted => Some("connection aborted"),
+                ErrorKind::TimedOut => Some("timed out"),
+                ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof => Some("connection closed"),
+                ErrorKind::AddrNotAvailable => Some("address not available"),
+                ErrorKind::HostUnreachable => Some("host unreachable"),
+                ErrorKind::NetworkUnreachable => Some("network unreachable"),
+                _ => None,
+            };
+            if let Some(w) = words {
+                return w.to_string();
+            }
+        }
+        match cur.source() {
+            Some(next) => cur = next,
+            None => break,
+        }
     }
-    cur.to_string()
+    let msg = cur.to_string();
+    match msg.find(" (os error ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg,
+    }
 }
 
 /// `outer: inner: innermost`, skipping links that repeat the previous message.
@@ -387,6 +433,23 @@ mod tests {
             describe_status(&s, &addr),
             "latency: invalid duration \"5xs\""
         );
+        for (tonic_says, http) in [
+            (
+                "grpc-status header missing, mapped from HTTP status code 404",
+                "404",
+            ),
+            (
+                "protocol error: received message with invalid compression flag: 110 (valid flags are 0 and 1) while receiving response with status: 404 Not Found",
+                "404 Not Found",
+            ),
+        ] {
+            assert_eq!(
+                describe_status(&tonic::Status::internal(tonic_says), &addr),
+                format!(
+                    "the server at 127.0.0.1:1 answered HTTP {http}, not as rigd does: is --addr (or RIG_ADDR) rigd's address?"
+                )
+            );
+        }
         let s = tonic::Status::unauthenticated("bad token");
         assert_eq!(
             describe_status(&s, &addr),

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use rig_control::cli::{
-    ChaosCommand, Cli, Command, LogPrefixer, PresetCommand, Tally, chaos_json, event_json,
-    events_request, find_demo_spec, format_clock, format_seconds, logs_request, metrics_lines,
-    render_chaos, render_down, render_env_list, render_event, render_progress, render_status,
-    set_chaos_request, status_json, up_request,
+    ChaosCommand, Cli, Command, EdgeCounters, LogPrefixer, PresetCommand, Tally, chaos_json,
+    event_json, events_request, find_demo_spec, format_bytes, format_clock, format_seconds,
+    logs_request, metrics_lines, render_chaos, render_down, render_env_list, render_event,
+    render_progress, render_status, set_chaos_request, status_json, tcp_edge_counters, up_request,
 };
 use rig_proto::v1 as pb;
 use serde_json::json;
@@ -42,6 +42,27 @@ fn set_request(args: &[&str]) -> anyhow::Result<pb::SetChaosRequest> {
 
 fn chaos_of(args: &[&str]) -> pb::ChaosSpec {
     set_request(args).unwrap().chaos.unwrap()
+}
+
+#[test]
+fn daemon_status_and_stop_parse_and_pid_files_are_per_address() {
+    use rig_control::cli::{DaemonCommand, pid_file};
+    assert!(matches!(
+        parse(&["daemon", "status"]).command,
+        Command::Daemon(DaemonCommand::Status)
+    ));
+    let cli = parse(&["--addr", "127.0.0.1:9000", "daemon", "stop", "--json"]);
+    assert!(matches!(cli.command, Command::Daemon(DaemonCommand::Stop)));
+    assert!(cli.global.json);
+    let dir = std::path::Path::new("/run/rig");
+    assert_eq!(
+        pid_file(dir, "127.0.0.1:7447".parse().unwrap()),
+        dir.join("rigd-127.0.0.1-7447.pid")
+    );
+    assert_eq!(
+        pid_file(dir, "[::1]:7447".parse().unwrap()),
+        dir.join("rigd-__1-7447.pid")
+    );
 }
 
 #[test]
@@ -646,6 +667,39 @@ fn chaos_lines_per_edge_with_version() {
 }
 
 #[test]
+fn sizes_render_as_numbers_of_bytes_in_text_and_json() {
+    let resp = pb::ChaosResponse {
+        edges: vec![pb::EdgeChaos {
+            env: "demo".into(),
+            edge: "catalog/store".into(),
+            protocol: "tcp".into(),
+            version: 2,
+            chaos: Some(pb::ChaosSpec {
+                reset_after: Some("64KiB".into()),
+                limit_data: Some("1000000".into()),
+                slicer: Some(pb::Slicer {
+                    average_size: "100".into(),
+                    size_variation: "10".into(),
+                    delay: "1ms".into(),
+                }),
+                bandwidth: Some("1MiB/s".into()),
+                ..Default::default()
+            }),
+        }],
+    };
+    assert_eq!(
+        render_chaos(&resp),
+        "catalog/store  version 2  bandwidth = \"1MiB/s\", limit_data = 1000000, reset_after = 65536, \
+         slicer = { average_size = 100, delay = \"1ms\", size_variation = 10 }\n"
+    );
+    assert_eq!(
+        chaos_json(&resp)[0]["chaos"],
+        json!({"bandwidth": "1MiB/s", "limit_data": 1_000_000, "reset_after": 65536,
+               "slicer": {"average_size": 100, "size_variation": 10, "delay": "1ms"}})
+    );
+}
+
+#[test]
 fn progress_lines() {
     let p = |state: &str, service: &str, message: &str| pb::UpProgress {
         env: "demo".into(),
@@ -681,6 +735,16 @@ fn progress_lines() {
         Some(
             "✖ web failed: exited with code 1 before it was ready\n    boot\n    panic: no config"
         )
+    );
+    // rigd's "failed to start: service catalog: cannot start …" names the service twice.
+    let spawn = p(
+        "failed",
+        "catalog",
+        "failed to start: service catalog: cannot start \"nope\": No such file or directory",
+    );
+    assert_eq!(
+        render_progress(&spawn, None).as_deref(),
+        Some("✖ catalog failed to start: cannot start \"nope\": No such file or directory")
     );
     assert_eq!(
         render_progress(&p("up", "", "demo is up"), None).as_deref(),
@@ -824,14 +888,68 @@ fn tally_counts_statuses_faults_and_the_median() {
         "",
         json!({}),
     ));
+    // A gRPC edge: a call answered UNAVAILABLE failed; NOT_FOUND is an answer.
+    for (i, code) in ["OK", "UNAVAILABLE", "NOT_FOUND"].into_iter().enumerate() {
+        t.record(&event(
+            20 + i as u64,
+            "request.completed",
+            "web/catalog-grpc",
+            "",
+            request_data(
+                "request.completed",
+                json!({"status": code, "latency_seconds": 0.001}),
+            ),
+        ));
+    }
     assert_eq!(t.requests("web/catalog"), 4);
     assert_eq!(t.faults("web/catalog", "error"), 1);
+    // The 503 answered (request.completed) and the reset (request.failed) both failed.
+    assert_eq!(t.failed("web/catalog"), 2);
+    assert_eq!(t.failed("web/catalog-grpc"), 1);
     assert_eq!(
         t.render(),
-        "EDGE         REQUESTS  FAILED  STATUSES     P50    FAULTS\n\
-         web/catalog  4         1       200×2 503×1  2.0ms  error×1\n"
+        "EDGE              REQUESTS  FAILED  STATUSES                        P50    FAULTS\n\
+         web/catalog       4         2       200×2 503×1                     2.0ms  error×1\n\
+         web/catalog-grpc  3         1       NOT_FOUND×1 OK×1 UNAVAILABLE×1  1.0ms  -\n"
     );
     assert_eq!(Tally::new().render(), "no requests seen\n");
+}
+
+#[test]
+fn tally_shows_tcp_edges_from_their_counters() {
+    let scrape = |conns: u64, up: u64, down: u64| {
+        format!(
+            "# TYPE rig_edge_bytes_total counter\n\
+             rig_edge_bytes_total{{env=\"demo\",edge=\"catalog/store\",source=\"catalog\",target=\"store\",protocol=\"tcp\",direction=\"upstream\"}} {up}\n\
+             rig_edge_bytes_total{{env=\"demo\",edge=\"catalog/store\",source=\"catalog\",target=\"store\",protocol=\"tcp\",direction=\"downstream\"}} {down}\n\
+             rig_edge_connections_total{{env=\"demo\",edge=\"catalog/store\",source=\"catalog\",target=\"store\",protocol=\"tcp\"}} {conns}\n\
+             rig_edge_connections_open{{env=\"demo\",edge=\"catalog/store\",source=\"catalog\",target=\"store\",protocol=\"tcp\"}} 2\n\
+             rig_edge_connections_total{{env=\"demo\",edge=\"web/catalog\",source=\"web\",target=\"catalog\",protocol=\"grpc\"}} 5\n\
+             rig_edge_connections_total{{env=\"other\",edge=\"a/b\",source=\"a\",target=\"b\",protocol=\"tcp\"}} 9\n"
+        )
+    };
+    let before = tcp_edge_counters(&scrape(3, 1000, 500), "demo");
+    let after = tcp_edge_counters(&scrape(4, 5096, 20980), "demo");
+    assert_eq!(after.keys().collect::<Vec<_>>(), vec!["catalog/store"]);
+    let delta = after["catalog/store"].since(&before["catalog/store"]);
+    assert_eq!(
+        delta,
+        EdgeCounters {
+            connections: 1,
+            open: 2,
+            bytes_upstream: 4096,
+            bytes_downstream: 20480,
+        }
+    );
+    let mut t = Tally::new();
+    t.set_tcp([("catalog/store".to_string(), delta)].into());
+    assert_eq!(
+        t.render(),
+        "TCP EDGE       CONNECTIONS  OPEN  BYTES UP  BYTES DOWN\n\
+         catalog/store  1            2     4.0 KiB   20.0 KiB\n"
+    );
+    assert_eq!(format_bytes(512), "512 B");
+    assert_eq!(format_bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
 }
 
 #[test]
@@ -1301,9 +1419,10 @@ async fn up_detached_prints_progress_then_the_summary() {
         "{}",
         text(&out.stdout)
     );
+    // The reason is said once, above; the error does not repeat it.
     assert_eq!(
         text(&out.stderr).trim_end(),
-        "error: service web exited with code 1 before it was ready"
+        "error: demo did not come up: web failed (see above)"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -640,36 +640,132 @@ fn up_detach_starts_a_background_rigd_when_none_answers() {
     // rigctl has exited; the environment lives on in the background rigd.
     let ls = rigctl(&["ls"]);
     assert!(String::from_utf8_lossy(&ls.stdout).contains("background"));
-    // Find that rigd by its command line, and stop it as a user would (SIGTERM).
-    let rigd_pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                    c.contains("rigd") && c.contains(&addr)
-                })
-                .unwrap_or(false)
-        })
-        .expect("a background rigd listening on the address");
+    // `daemon status` names the background rigd, its pid and its environment.
+    let st = rigctl(&["--json", "daemon", "status"]);
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("JSON");
+    assert_eq!(st["running"], true, "{st}");
+    assert_eq!(st["address"], addr.as_str(), "{st}");
+    assert_eq!(st["environments"][0]["name"], "background", "{st}");
+    let rigd_pid = st["pid"].as_u64().expect("the pid of the rigd up started") as u32;
+    let text = String::from_utf8_lossy(&rigctl(&["daemon", "status"]).stdout).into_owned();
+    assert!(
+        text.starts_with(&format!("rigd is running at {addr} (pid {rigd_pid}")),
+        "{text}"
+    );
+    assert!(text.contains("background"), "{text}");
+    // That pid listens on the address: it is rigd's, not a guess.
+    let cmdline = std::fs::read(format!("/proc/{rigd_pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains(&addr));
     let ps = rigctl(&["--json", "ps"]);
     assert!(ps.status.success());
     let ps: serde_json::Value = serde_json::from_slice(&ps.stdout).expect("ps --json prints JSON");
     let mut service_pids = Vec::new();
     collect_pids(&ps, &mut service_pids);
     assert_eq!(service_pids.len(), 3, "{ps}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(rigd_pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_all_gone(&[rigd_pid], Duration::from_secs(15));
+
+    // `daemon stop` ends it and its environment, and returns once they are gone.
+    let stop = rigctl(&["daemon", "stop"]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&stop.stdout).trim_end(),
+        format!("stopped rigd at {addr} (pid {rigd_pid}) and its environments: background")
+    );
+    assert!(!alive(rigd_pid), "rigd is gone when stop returns");
     assert_all_gone(&service_pids, Duration::from_secs(5));
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "nothing listens on {addr}"
+    );
     assert!(
         dir.path().join("rigd.log").exists(),
         "the background rigd logs to the state dir"
     );
+    // Afterwards: status says none runs (exit 3), a second stop has nothing to do (exit 0).
+    let st = rigctl(&["daemon", "status"]);
+    assert_eq!(st.status.code(), Some(3));
+    assert_eq!(
+        String::from_utf8_lossy(&st.stdout).trim_end(),
+        format!("no rigd is running at {addr}")
+    );
+    let again = rigctl(&["daemon", "stop"]);
+    assert!(again.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim_end(),
+        format!("no rigd is running at {addr}")
+    );
+}
+
+#[test]
+fn daemon_status_and_stop_of_a_rigd_started_by_hand() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-hand");
+    let spec = chain_spec(&dir, "hand", "");
+    rigd.ok(&["up", "--detach", spec.to_str().unwrap()]);
+    let cmd = |args: &[&str]| {
+        rigd.rigctl_cmd(args)
+            .env("RIG_STATE_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let st = cmd(&["daemon", "status"]);
+    assert!(st.status.success());
+    let text = String::from_utf8_lossy(&st.stdout).into_owned();
+    assert!(
+        text.starts_with(&format!(
+            "rigd is running at {} (not started by `rigctl up --detach`, pid unknown)",
+            rigd.addr
+        )),
+        "{text}"
+    );
+    assert!(text.contains("hand"), "{text}");
+    // rigctl did not start it, so it will not guess which process to signal.
+    let stop = cmd(&["daemon", "stop"]);
+    assert_eq!(stop.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&stop.stderr);
+    assert!(
+        err.contains("was not started by `rigctl up --detach`"),
+        "{err}"
+    );
+    assert!(alive(rigd.child.id()), "rigd still runs");
+    // A pid file whose pid is not that rigd (here: the test itself) is not trusted either.
+    std::fs::write(
+        rig_control::cli::pid_file(dir.path(), rigd.addr),
+        format!("{}\n", std::process::id()),
+    )
+    .unwrap();
+    assert_eq!(cmd(&["daemon", "stop"]).status.code(), Some(1));
+    assert!(alive(rigd.child.id()));
+}
+
+#[test]
+fn sizes_in_chaos_print_as_numbers_of_bytes() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-sizes");
+    let spec = chain_spec(&dir, "sizes", "");
+    rigd.ok(&["up", "--detach", spec.to_str().unwrap()]);
+    let out = rigd.ok(&[
+        "chaos",
+        "set",
+        "catalog/store",
+        "--error-rate",
+        "0.1",
+        "--reset-after",
+        "64KiB",
+    ]);
+    assert!(out.contains("reset_after = 65536"), "{out}");
+    let ps = rigd.ok(&["ps"]);
+    assert!(ps.contains("reset_after = 65536"), "{ps}");
+    let got = rigd.json(&["chaos", "get", "catalog/store"]);
+    assert_eq!(got[0]["chaos"]["reset_after"], 65536, "{got}");
 }
 
 fn collect_pids(v: &serde_json::Value, out: &mut Vec<u32>) {
@@ -685,4 +781,177 @@ fn collect_pids(v: &serde_json::Value, out: &mut Vec<u32>) {
         serde_json::Value::Array(a) => a.iter().for_each(|v| collect_pids(v, out)),
         _ => {}
     }
+}
+
+/// The columns of the table row of `edge` in `text` (the first table that has one).
+fn row<'a>(text: &'a [String], edge: &str) -> Option<Vec<&'a str>> {
+    text.iter()
+        .find(|l| l.split_whitespace().next() == Some(edge))
+        .map(|l| l.split_whitespace().collect())
+}
+
+#[test]
+fn the_demo_counts_failures_and_shows_every_edge() {
+    let dir = TempDir::new("e2e-demo");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let spec = rig_tests::rigd::workspace_root().join("specs/demo.toml");
+    let mut demo = std::process::Command::new(rig_tests::rigd::bin("rigctl"))
+        .args(["--addr", &addr, "demo", "--step", "4s", "--spec"])
+        .arg(&spec)
+        .env("RIG_STATE_DIR", dir.path())
+        .env_remove("RIG_TOKEN")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = line_reader(demo.stdout.take().unwrap());
+    // A failed assertion must not leave the demo (and its embedded rigd) running.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let guard = KillOnDrop(demo.id());
+    let mut seen = Vec::new();
+    wait_for_line(&lines, |l| l.contains("── 3/5"), &mut seen);
+    let step1_at = seen.iter().position(|l| l.contains("── 1/5")).unwrap();
+    let step2_at = seen.iter().position(|l| l.contains("── 2/5")).unwrap();
+    let (step1, step2) = (&seen[step1_at..step2_at], &seen[step2_at..]);
+    // Every edge, the tcp one included (it carries connections and bytes, not requests).
+    for edge in ["traffic/web", "web/catalog"] {
+        assert!(
+            row(step1, edge).is_some(),
+            "{edge} in step 1:\n{}",
+            seen.join("\n")
+        );
+    }
+    let store = row(step1, "catalog/store")
+        .unwrap_or_else(|| panic!("the tcp edge in step 1:\n{}", seen.join("\n")));
+    assert_ne!(
+        store[3..5],
+        ["0", "B"],
+        "bytes went to the store: {store:?}"
+    );
+    assert!(row(step2, "catalog/store").is_some(), "{}", seen.join("\n"));
+    // FAILED counts every answer that is a failure (5xx, UNAVAILABLE...), not only the requests
+    // rig could not answer at all.
+    let mut failures_seen = 0;
+    for edge in ["traffic/web", "web/catalog"] {
+        let cols = row(step2, edge).unwrap_or_else(|| panic!("{edge}:\n{}", seen.join("\n")));
+        let failed: u64 = cols[2].parse().unwrap();
+        let failing_statuses: u64 = cols[3..]
+            .iter()
+            .filter_map(|c| c.split_once('×'))
+            // Statuses are 503 or UNAVAILABLE; the FAULTS column's kinds are lowercase.
+            .filter(|(s, _)| !s.chars().any(|c| c.is_ascii_lowercase()))
+            .filter(|(s, _)| rig_control::cli::status_is_failure(s))
+            .map(|(_, n)| n.parse::<u64>().unwrap())
+            .sum();
+        assert!(
+            failed >= failing_statuses,
+            "{edge}: FAILED {failed} but {failing_statuses} failing answers: {cols:?}"
+        );
+        failures_seen += failed;
+    }
+    // 10% of ~80 calls per edge fail under `flaky`: none at all is a broken count.
+    assert!(failures_seen > 0, "{}", seen.join("\n"));
+    interrupt(&demo);
+    let exit = wait_exit(&mut demo);
+    // Reaped: its pid may belong to another process now.
+    std::mem::forget(guard);
+    assert!(exit.success());
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "the demo's embedded rigd is gone"
+    );
+}
+
+#[test]
+fn metrics_with_no_environment_is_not_an_empty_page() {
+    let rigd = Rigd::start();
+    let (code, body) = http_get(&rigd.url("/metrics"), None);
+    assert_eq!(code, 200, "{body}");
+    // A scrape of an idle rigd still says something: how many environments run (none).
+    assert_eq!(prom::value(&body, "rig_environments", &[]), 0.0, "{body}");
+    assert!(body.contains("# TYPE rig_environments gauge"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_say_what_failed_in_words_not_library_jargon() {
+    let rigctl = |addr: String| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(rig_tests::rigd::bin("rigctl"))
+                .args(["--addr", &addr, "ls"])
+                .env_remove("RIG_TOKEN")
+                .output()
+                .unwrap()
+        })
+    };
+    let jargon = [
+        "client error",
+        "transport error",
+        "grpc-status",
+        "os error",
+        "(Connect)",
+    ];
+    // Nothing listens.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let out = rigctl(nobody.clone()).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.starts_with(&format!(
+            "error: cannot connect to rigd at {nobody}: connection refused"
+        )),
+        "{err}"
+    );
+    // Something that is not rigd listens: a plain HTTP server.
+    let web = rig_tests::http_upstream::HttpUpstream::start()
+        .await
+        .unwrap();
+    let out = rigctl(web.addr().to_string()).await.unwrap();
+    let other = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(other.contains(&web.addr().to_string()), "{other}");
+    assert!(other.contains("rigd"), "{other}");
+    for word in jargon {
+        assert!(!err.contains(word), "{word:?} in {err}");
+        assert!(!other.contains(word), "{word:?} in {other}");
+    }
+}
+
+#[test]
+fn a_service_that_cannot_start_is_named_once_with_its_reason_once() {
+    let rigd = Rigd::start();
+    let dir = TempDir::new("e2e-nostart");
+    let path = dir.path().join("nostart.toml");
+    std::fs::write(
+        &path,
+        "name = \"nostart\"\n[services.catalog]\ncommand = [\"rig-no-such-program\"]\n\
+         [services.catalog.ingresses.default]\nprotocol = \"grpc\"\n",
+    )
+    .unwrap();
+    let out = rigd.rigctl(&["up", "--detach", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed = stdout
+        .lines()
+        .find(|l| l.starts_with('✖'))
+        .unwrap_or_else(|| panic!("a failure line: {stdout}"));
+    assert!(
+        failed.starts_with("✖ catalog failed to start: cannot start \"rig-no-such-program\""),
+        "{failed}"
+    );
+    assert_eq!(failed.matches("catalog").count(), 1, "{failed}");
+    // The reason is on the line above; the error does not say it again.
+    assert_eq!(
+        stderr.trim_end(),
+        "error: nostart did not come up: catalog failed (see above)"
+    );
 }

@@ -1,6 +1,7 @@
 //! rigctl: the command line for rigd. Everything happens in [`rig_control::cli::run`].
 //!
-//! Exit codes: 0 ok, 1 the operation failed, 2 usage error (clap).
+//! Exit codes: 0 ok, 1 the operation failed, 2 usage error (clap), 3 `daemon status`: no rigd
+//! is running.
 
 use std::process::ExitCode;
 
@@ -22,6 +23,11 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // `rigctl events | head`: the reader left, which is not a failure.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        // The command already printed what it had to (`daemon status` with no rigd: 3).
+        Err(e) if e.is::<rig_control::cli::QuietExit>() => ExitCode::from(
+            e.downcast_ref::<rig_control::cli::QuietExit>()
+                .map_or(1, |q| q.0),
+        ),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)

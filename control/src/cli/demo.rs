@@ -9,8 +9,11 @@ use clap::Args;
 use rig_proto::v1 as pb;
 
 use super::up::{self, Autostart, Interrupts, Session};
-use super::{GlobalArgs, Tally, emit, metrics_lines, now_unix, render_chaos, render_status, rpc};
-use crate::client::{Client, DaemonAddr};
+use super::{
+    GlobalArgs, Tally, emit, metrics_lines, now_unix, render_chaos, render_status, rpc,
+    tcp_edge_counters,
+};
+use crate::client::{Client, DaemonAddr, root_cause};
 
 /// The edge the tour makes flaky, when the spec has it.
 const DEMO_EDGE: &str = "web/catalog";
@@ -59,8 +62,15 @@ fn headline(n: u32, text: &str) -> anyhow::Result<()> {
     emit(&format!("\n── {n}/5  {text}"))
 }
 
-/// Tally the requests on every edge of `env` for `dur`.
-async fn watch_tally(client: &Client, env: &str, dur: Duration) -> anyhow::Result<Tally> {
+/// Tally the traffic on every edge of `env` for `dur`: requests from the events of http and
+/// grpc edges; connections and bytes of tcp edges (which carry no requests) from their counters
+/// in `/metrics` before and after the same window.
+async fn watch_tally(
+    g: &GlobalArgs,
+    client: &Client,
+    env: &str,
+    dur: Duration,
+) -> anyhow::Result<Tally> {
     let req = pb::WatchRequest {
         after_seq: 0,
         only_new: true,
@@ -76,6 +86,8 @@ async fn watch_tally(client: &Client, env: &str, dur: Duration) -> anyhow::Resul
         .await
         .map_err(|s| rpc(client, s))?
         .into_inner();
+    // After the watch is open, so the window the counters cover is the events' window.
+    let before = tcp_edge_counters(&fetch_metrics(client.addr(), g.token()).await?, env);
     let mut tally = Tally::new();
     let deadline = tokio::time::Instant::now() + dur;
     loop {
@@ -86,6 +98,16 @@ async fn watch_tally(client: &Client, env: &str, dur: Duration) -> anyhow::Resul
             Ok(Err(s)) => return Err(rpc(client, s)),
         }
     }
+    let after = tcp_edge_counters(&fetch_metrics(client.addr(), g.token()).await?, env);
+    tally.set_tcp(
+        after
+            .iter()
+            .map(|(edge, now)| {
+                let then = before.get(edge).copied().unwrap_or_default();
+                (edge.clone(), now.since(&then))
+            })
+            .collect(),
+    );
     Ok(tally)
 }
 
@@ -108,7 +130,7 @@ async fn fetch_metrics(addr: &DaemonAddr, token: Option<&str>) -> anyhow::Result
         let resp = client
             .request(req)
             .await
-            .with_context(|| format!("cannot fetch {url}"))?;
+            .map_err(|e| anyhow!("cannot fetch {url}: {}", root_cause(&e)))?;
         if !resp.status().is_success() {
             bail!("{url} answered {}", resp.status());
         }
@@ -117,7 +139,7 @@ async fn fetch_metrics(addr: &DaemonAddr, token: Option<&str>) -> anyhow::Result
         while let Some(frame) =
             std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
         {
-            let frame = frame.with_context(|| format!("cannot read {url}"))?;
+            let frame = frame.map_err(|e| anyhow!("cannot read {url}: {}", root_cause(&e)))?;
             if let Ok(data) = frame.into_data() {
                 bytes.extend_from_slice(&data);
             }
@@ -154,7 +176,7 @@ async fn tour(
         1,
         &format!("live traffic: every request through every edge for {secs:.0}s"),
     )?;
-    emit(&watch_tally(client, &env.name, step).await?.render())?;
+    emit(&watch_tally(g, client, &env.name, step).await?.render())?;
 
     let edge = demo_edge(env).ok_or_else(|| anyhow!("the demo needs an http or grpc edge"))?;
     let selector = pb::EdgeSelector {
@@ -181,7 +203,7 @@ async fn tour(
             "version {v} is in force; watching {secs:.0}s of traffic again"
         ))?;
     }
-    emit(&watch_tally(client, &env.name, step).await?.render())?;
+    emit(&watch_tally(g, client, &env.name, step).await?.render())?;
 
     headline(3, "metrics: rigd serves Prometheus metrics per edge")?;
     let scrape = fetch_metrics(client.addr(), g.token()).await?;

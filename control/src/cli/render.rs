@@ -102,18 +102,56 @@ fn domain(c: &pb::ChaosSpec) -> Result<ChaosSpec, String> {
     ChaosSpec::try_from(c.clone()).map_err(|e| e.to_string())
 }
 
-/// `latency = "200ms", error_rate = 0.1`, or `-` for no chaos.
+/// The chaos keys that hold a byte size, as paths into the spec.
+const SIZE_KEYS: [&[&str]; 4] = [
+    &["reset_after"],
+    &["limit_data"],
+    &["slicer", "average_size"],
+    &["slicer", "size_variation"],
+];
+
+/// Sizes as numbers of bytes (`reset_after = 65536`), as a spec may write them, and as the
+/// metrics count them: the domain type serialises them as strings (`"65536"`), which reads as
+/// if the quotes meant something. Durations and rates keep their units.
+fn sizes_as_numbers(mut v: Value) -> Value {
+    for path in SIZE_KEYS {
+        let (last, parents) = path.split_last().expect("non-empty path");
+        let mut cur = Some(&mut v);
+        for p in parents {
+            cur = cur.and_then(|c| c.get_mut(*p));
+        }
+        if let Some(slot) = cur.and_then(|c| c.get_mut(*last))
+            && let Some(n) = slot.as_str().and_then(|t| t.parse::<u64>().ok())
+        {
+            *slot = json!(n);
+        }
+    }
+    v
+}
+
+/// `latency = "200ms", error_rate = 0.1, reset_after = 65536`, or `-` for no chaos.
 pub fn chaos_spec_summary(c: &pb::ChaosSpec) -> String {
-    match domain(c) {
-        Ok(spec) => chaos_summary(&spec),
-        Err(e) => format!("(unreadable: {e})"),
+    let spec = match domain(c) {
+        Ok(spec) => spec,
+        Err(e) => return format!("(unreadable: {e})"),
+    };
+    if spec.is_empty() {
+        return "-".to_string();
+    }
+    match toml::Value::try_from(chaos_spec_json(c)) {
+        Ok(toml::Value::Table(t)) => t
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => chaos_summary(&spec),
     }
 }
 
 /// The spec as the JSON object a spec file's chaos block would hold.
 pub fn chaos_spec_json(c: &pb::ChaosSpec) -> Value {
     match domain(c).map(|spec| serde_json::to_value(&spec)) {
-        Ok(Ok(v)) => v,
+        Ok(Ok(v)) => sizes_as_numbers(v),
         Ok(Err(e)) => json!({ "unreadable": e.to_string() }),
         Err(e) => json!({ "unreadable": e }),
     }
@@ -393,13 +431,19 @@ pub fn render_progress(p: &pb::UpProgress, elapsed: Option<Duration>) -> Option<
             let mut line = if p.service.is_empty() {
                 format!("✖ failed: {}", p.message)
             } else {
-                // rigd says "service web exited with code 1 …"; the name is already in front.
+                // rigd says "service web exited with code 1 …" or "failed to start: service
+                // web: cannot start …"; the name is already in front, once is enough.
+                let name = &p.service;
                 let why = p
                     .message
-                    .strip_prefix(&format!("service {} ", p.service))
-                    .or_else(|| p.message.strip_prefix(&format!("{} ", p.service)))
-                    .unwrap_or(&p.message);
-                format!("✖ {} failed: {why}", p.service)
+                    .strip_prefix(&format!("service {name} "))
+                    .or_else(|| p.message.strip_prefix(&format!("{name} ")))
+                    .unwrap_or(&p.message)
+                    .replace(&format!("service {name}: "), "");
+                match why.strip_prefix("failed to start: ") {
+                    Some(rest) => format!("✖ {name} failed to start: {rest}"),
+                    None => format!("✖ {name} failed: {why}"),
+                }
             };
             for l in &p.last_logs {
                 let _ = write!(line, "\n    {l}");
@@ -562,6 +606,105 @@ struct EdgeTally {
 #[derive(Debug, Default, Clone)]
 pub struct Tally {
     edges: BTreeMap<String, EdgeTally>,
+    tcp: BTreeMap<String, EdgeCounters>,
+}
+
+/// Whether a request's answer is a failure of the server side: an HTTP 5xx, or a gRPC code
+/// that the gRPC-to-HTTP mapping (google.rpc.Code) puts at 5xx: `UNKNOWN`, `INTERNAL`,
+/// `UNIMPLEMENTED`, `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `DATA_LOSS`. A 4xx or `NOT_FOUND` is an
+/// answer the client asked for (the demo's traffic asks for missing items on purpose).
+pub fn status_is_failure(status: &str) -> bool {
+    match status.parse::<u16>() {
+        Ok(code) => code >= 500,
+        Err(_) => matches!(
+            status,
+            "UNKNOWN"
+                | "INTERNAL"
+                | "UNIMPLEMENTED"
+                | "UNAVAILABLE"
+                | "DEADLINE_EXCEEDED"
+                | "DATA_LOSS"
+        ),
+    }
+}
+
+/// `512 B`, `3.4 KiB`, `12.0 MiB`.
+pub fn format_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// One tcp edge's counters from a `/metrics` scrape.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeCounters {
+    /// `rig_edge_connections_total`: connections accepted.
+    pub connections: u64,
+    /// `rig_edge_connections_open`: open at the scrape.
+    pub open: u64,
+    /// `rig_edge_bytes_total{direction="upstream"}`: client → target.
+    pub bytes_upstream: u64,
+    /// `rig_edge_bytes_total{direction="downstream"}`: target → client.
+    pub bytes_downstream: u64,
+}
+
+impl EdgeCounters {
+    /// What happened between `before` and `self`: counters as differences, `open` as it is now.
+    pub fn since(&self, before: &EdgeCounters) -> EdgeCounters {
+        EdgeCounters {
+            connections: self.connections.saturating_sub(before.connections),
+            open: self.open,
+            bytes_upstream: self.bytes_upstream.saturating_sub(before.bytes_upstream),
+            bytes_downstream: self
+                .bytes_downstream
+                .saturating_sub(before.bytes_downstream),
+        }
+    }
+}
+
+/// The counters of every tcp edge of `env` in a Prometheus text scrape, by edge.
+pub fn tcp_edge_counters(scrape: &str, env: &str) -> BTreeMap<String, EdgeCounters> {
+    let mut out: BTreeMap<String, EdgeCounters> = BTreeMap::new();
+    for line in scrape.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once('}') else {
+            continue;
+        };
+        let label = |key: &str| {
+            labels.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().trim_matches('"'))
+            })
+        };
+        if label("env") != Some(env) || label("protocol") != Some("tcp") {
+            continue;
+        }
+        let Some(edge) = label("edge") else { continue };
+        // Counters and gauges print as floats ("12" or "1.2e3"); they hold whole numbers here.
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let v = v.max(0.0) as u64;
+        let c = out.entry(edge.to_string()).or_default();
+        match (name, label("direction")) {
+            ("rig_edge_connections_total", _) => c.connections = v,
+            ("rig_edge_connections_open", _) => c.open = v,
+            ("rig_edge_bytes_total", Some("upstream")) => c.bytes_upstream = v,
+            ("rig_edge_bytes_total", Some("downstream")) => c.bytes_downstream = v,
+            _ => {}
+        }
+    }
+    out
 }
 
 impl Tally {
@@ -583,7 +726,7 @@ impl Tally {
         let r = r.request;
         let t = self.edges.entry(ev.edge.clone()).or_default();
         t.requests += 1;
-        if failed {
+        if failed || r.status.as_deref().is_some_and(status_is_failure) {
             t.failed += 1;
         }
         if let Some(s) = r.status {
@@ -610,13 +753,55 @@ impl Tally {
             .unwrap_or(0)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.edges.is_empty()
+    /// Requests on `edge` that failed: see [`status_is_failure`].
+    pub fn failed(&self, edge: &str) -> u64 {
+        self.edges.get(edge).map_or(0, |t| t.failed)
     }
 
+    /// The traffic of tcp edges, which carry no requests: what their counters say happened
+    /// during the same window (see [`EdgeCounters::since`]).
+    pub fn set_tcp(&mut self, tcp: BTreeMap<String, EdgeCounters>) {
+        self.tcp = tcp;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.edges.is_empty() && self.tcp.is_empty()
+    }
+
+    /// A table of requests per http/grpc edge, then one of connections and bytes per tcp edge.
     pub fn render(&self) -> String {
-        if self.edges.is_empty() {
+        if self.is_empty() {
             return "no requests seen\n".to_string();
+        }
+        let mut out = self.render_requests();
+        if !self.tcp.is_empty() {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            let rows: Vec<Vec<String>> = self
+                .tcp
+                .iter()
+                .map(|(edge, c)| {
+                    vec![
+                        edge.clone(),
+                        c.connections.to_string(),
+                        c.open.to_string(),
+                        format_bytes(c.bytes_upstream),
+                        format_bytes(c.bytes_downstream),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(
+                &["TCP EDGE", "CONNECTIONS", "OPEN", "BYTES UP", "BYTES DOWN"],
+                &rows,
+            ));
+        }
+        out
+    }
+
+    fn render_requests(&self) -> String {
+        if self.edges.is_empty() {
+            return String::new();
         }
         let counts = |m: &BTreeMap<String, u64>| {
             if m.is_empty() {

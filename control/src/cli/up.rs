@@ -231,7 +231,7 @@ async fn start_detached(
         .spawn()
         .with_context(|| format!("cannot start {}", rigd.display()))?;
     eprintln!(
-        "no rigd at {addr}: started {} (pid {}, log {})",
+        "no rigd at {addr}: started {} (pid {}, log {}; `rigctl daemon stop` stops it)",
         rigd.display(),
         child.id(),
         log_path.display()
@@ -239,7 +239,11 @@ async fn start_detached(
     let deadline = Instant::now() + DETACHED_START_TIMEOUT;
     loop {
         match Client::connect(addr, token).await {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                // For `rigctl daemon status` and `rigctl daemon stop`.
+                super::daemon::write_pid_file(&dir, listen, child.id())?;
+                return Ok(c);
+            }
             Err(ClientError::NoDaemon { .. }) => {}
             Err(e) => return Err(e.into()),
         }
@@ -284,20 +288,29 @@ async fn stream_up(
         .into_inner();
     let mut started: HashMap<String, Instant> = HashMap::new();
     let mut status = None;
-    let mut shown_failure = false;
+    // The service whose failure a progress line already showed, with why and its last log
+    // lines: the error that ends the call says it again, so it is not repeated.
+    let mut shown_failure: Option<String> = None;
     loop {
         let p = match stream.message().await {
             Ok(Some(p)) => p,
             Ok(None) => break,
-            // The failed step above already showed the service's last log lines, which rigd
-            // repeats after the first line of its error.
-            Err(s) if shown_failure => {
-                let msg = client.describe(&s);
-                return Err(anyhow!("{}", msg.lines().next().unwrap_or_default()));
+            Err(s) => {
+                return Err(match (&shown_failure, env_name.as_deref()) {
+                    (Some(service), Some(env)) if !service.is_empty() => {
+                        anyhow!("{env} did not come up: {service} failed (see above)")
+                    }
+                    (Some(_), _) => {
+                        let msg = client.describe(&s);
+                        anyhow!("{}", msg.lines().next().unwrap_or_default())
+                    }
+                    (None, _) => rpc(client, s),
+                });
             }
-            Err(s) => return Err(rpc(client, s)),
         };
-        shown_failure |= p.state == "failed";
+        if p.state == "failed" {
+            shown_failure = Some(p.service.clone());
+        }
         if !p.env.is_empty() {
             *env_name = Some(p.env.clone());
         }
