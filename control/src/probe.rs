@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use rig_proxy::policy::Protocol;
 
+use crate::client::root_cause;
 use crate::spec::Readiness;
 
 /// Poll an ingress until it is ready: fast at first, then backing off, until the timeout.
@@ -48,7 +49,7 @@ async fn probe(_protocol: Protocol, addr: SocketAddr, ready: &Readiness) -> Resu
         Readiness::Tcp { .. } => tokio::net::TcpStream::connect(addr)
             .await
             .map(|_| ())
-            .map_err(|e| format!("tcp connect: {e}")),
+            .map_err(|e| format!("tcp connect: {}", root_cause(&e))),
         Readiness::Http { path, .. } => {
             use http_body_util::Empty;
             use hyper_util::client::legacy::Client;
@@ -61,7 +62,7 @@ async fn probe(_protocol: Protocol, addr: SocketAddr, ready: &Readiness) -> Resu
             let resp = client
                 .get(uri)
                 .await
-                .map_err(|e| format!("GET {path}: {e}"))?;
+                .map_err(|e| format!("GET {path}: {}", root_cause(&e)))?;
             if resp.status().as_u16() < 500 {
                 Ok(())
             } else {
@@ -75,7 +76,7 @@ async fn probe(_protocol: Protocol, addr: SocketAddr, ready: &Readiness) -> Resu
                 .map_err(|e| e.to_string())?
                 .connect()
                 .await
-                .map_err(|e| format!("grpc connect: {e}"))?;
+                .map_err(|e| format!("grpc connect: {}", root_cause(&e)))?;
             let resp = HealthClient::new(channel)
                 .check(HealthCheckRequest {
                     service: service.clone(),
