@@ -317,11 +317,6 @@ impl fmt::Display for ByteRate {
 
 macro_rules! serde_via_str_or_int {
     ($t:ident, $what:literal) => {
-        impl Serialize for $t {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
-            }
-        }
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 struct V;
@@ -347,6 +342,21 @@ macro_rules! serde_via_str_or_int {
 }
 serde_via_str_or_int!(ByteSize, "a byte size such as 65536 or \"64KiB\"");
 serde_via_str_or_int!(ByteRate, "a rate such as \"1MiB/s\"");
+
+/// A size is written back as its number of bytes (`reset_after = 65536`), the form a spec may use
+/// and the unit the metrics count in.
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+/// A rate keeps its unit (`"1MiB/s"`): a bare number would read as bytes, not bytes a second.
+impl Serialize for ByteRate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
 
 /// A gRPC status code, by its canonical name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

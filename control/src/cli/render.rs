@@ -102,33 +102,6 @@ fn domain(c: &pb::ChaosSpec) -> Result<ChaosSpec, String> {
     ChaosSpec::try_from(c.clone()).map_err(|e| e.to_string())
 }
 
-/// The chaos keys that hold a byte size, as paths into the spec.
-const SIZE_KEYS: [&[&str]; 4] = [
-    &["reset_after"],
-    &["limit_data"],
-    &["slicer", "average_size"],
-    &["slicer", "size_variation"],
-];
-
-/// Sizes as numbers of bytes (`reset_after = 65536`), as a spec may write them, and as the
-/// metrics count them: the domain type serialises them as strings (`"65536"`), which reads as
-/// if the quotes meant something. Durations and rates keep their units.
-fn sizes_as_numbers(mut v: Value) -> Value {
-    for path in SIZE_KEYS {
-        let (last, parents) = path.split_last().expect("non-empty path");
-        let mut cur = Some(&mut v);
-        for p in parents {
-            cur = cur.and_then(|c| c.get_mut(*p));
-        }
-        if let Some(slot) = cur.and_then(|c| c.get_mut(*last))
-            && let Some(n) = slot.as_str().and_then(|t| t.parse::<u64>().ok())
-        {
-            *slot = json!(n);
-        }
-    }
-    v
-}
-
 /// `latency = "200ms", error_rate = 0.1, reset_after = 65536`, or `-` for no chaos.
 pub fn chaos_spec_summary(c: &pb::ChaosSpec) -> String {
     let spec = match domain(c) {
@@ -151,7 +124,7 @@ pub fn chaos_spec_summary(c: &pb::ChaosSpec) -> String {
 /// The spec as the JSON object a spec file's chaos block would hold.
 pub fn chaos_spec_json(c: &pb::ChaosSpec) -> Value {
     match domain(c).map(|spec| serde_json::to_value(&spec)) {
-        Ok(Ok(v)) => sizes_as_numbers(v),
+        Ok(Ok(v)) => v,
         Ok(Err(e)) => json!({ "unreadable": e.to_string() }),
         Err(e) => json!({ "unreadable": e }),
     }
