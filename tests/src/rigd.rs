@@ -70,6 +70,29 @@ impl Drop for TempDir {
     }
 }
 
+/// Waits until the rigd `child` (its stdout piped) says "rigd listening on ADDR" and returns
+/// ADDR; then keeps draining its stdout so it never blocks on a full pipe. Panics if rigd exits
+/// first.
+pub fn wait_listening(child: &mut Child) -> SocketAddr {
+    let stdout = child.stdout.take().expect("rigd stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(a) = l.strip_prefix("rigd listening on ") {
+                    break a.trim().parse().expect("rigd printed an address");
+                }
+            }
+            _ => {
+                let status = child.wait().expect("wait rigd");
+                panic!("rigd exited before listening: {status}");
+            }
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    addr
+}
+
 /// A running rigd child process. Killed on drop (SIGKILL, like a crash; its services then die
 /// by their parent-death signal).
 #[derive(Debug)]
@@ -102,24 +125,7 @@ impl Rigd {
             cmd.env("RIG_TOKEN", t);
         }
         let mut child = cmd.spawn().expect("spawn rigd");
-        let stdout = child.stdout.take().expect("rigd stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        // rigd prints "rigd listening on ADDR" once it serves.
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(l)) => {
-                    if let Some(a) = l.strip_prefix("rigd listening on ") {
-                        break a.trim().parse().expect("rigd printed an address");
-                    }
-                }
-                _ => {
-                    let status = child.wait().expect("wait rigd");
-                    panic!("rigd exited before listening: {status}");
-                }
-            }
-        };
-        // Keep draining stdout so rigd never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let addr = wait_listening(&mut child);
         Rigd {
             addr,
             child,

@@ -20,7 +20,7 @@ use futures_util::{StreamExt, stream};
 use rig_proto::v1 as pb;
 use rig_tests::eventually::eventually;
 use rig_tests::prom;
-use rig_tests::rigd::{Rigd, TempDir, bin, http_get};
+use rig_tests::rigd::{Rigd, TempDir, bin, http_get, wait_listening};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -75,21 +75,7 @@ impl LimitedRigd {
                 }
             }
         });
-        let mut lines = BufReader::new(child.stdout.take().expect("rigd stdout")).lines();
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(l)) => {
-                    if let Some(a) = l.strip_prefix("rigd listening on ") {
-                        break a.trim().parse().expect("rigd printed an address");
-                    }
-                }
-                _ => {
-                    let status = child.wait().expect("wait rigd");
-                    panic!("rigd exited before listening: {status}");
-                }
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let addr = wait_listening(&mut child);
         LimitedRigd {
             rigd: Rigd {
                 addr,
