@@ -62,6 +62,15 @@ impl DaemonAddr {
         format!("http://{self}")
     }
 
+    /// The socket address without a name lookup: an IP address, or `localhost` as 127.0.0.1.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        let ip = match self.host.as_str() {
+            "localhost" => std::net::IpAddr::from([127, 0, 0, 1]),
+            h => h.parse().ok()?,
+        };
+        Some(SocketAddr::new(ip, self.port))
+    }
+
     /// The socket address to listen on or connect to, resolving a host name if needed.
     pub async fn resolve(&self) -> Result<SocketAddr, ClientError> {
         let mut addrs = tokio::net::lookup_host((self.host.as_str(), self.port))

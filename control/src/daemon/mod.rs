@@ -20,14 +20,15 @@ use rig_proxy::EventSender;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::DaemonAddr;
 use crate::eventlog::EventLog;
 use crate::presets::{self, Preset};
 use crate::registry::runtime::LocalProcesses;
 use crate::registry::{Deps, Registry, spawn_event_pump};
 use crate::secret::Secret;
 
-/// The default address rigd listens on and rigctl calls.
-pub const DEFAULT_ADDR: &str = "127.0.0.1:7447";
+/// The default address rigd listens on and rigctl calls (one constant, in [`crate::client`]).
+pub use crate::client::DEFAULT_ADDR;
 
 /// How rigd is configured (flags and environment variables of the `rigd` binary).
 #[derive(Debug, Clone)]
@@ -65,13 +66,17 @@ impl DaemonConfig {
     }
 }
 
-/// `host:port` or `http://host:port`.
+/// Where rigd listens: `host:port` or `http://host:port` as rigctl's `--addr` takes it (one
+/// parser, [`DaemonAddr`]), where the host is an IP address or `localhost`.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    let t = s.trim();
-    let t = t.strip_prefix("http://").unwrap_or(t).trim_end_matches('/');
-    let t = t.replace("localhost:", "127.0.0.1:");
-    t.parse().map_err(|e| {
-        format!("invalid address {s:?}: {e} (expected host:port, e.g. 127.0.0.1:7447)")
+    let addr: DaemonAddr = s
+        .parse()
+        .map_err(|e: crate::client::ClientError| e.to_string())?;
+    addr.socket_addr().ok_or_else(|| {
+        format!(
+            "invalid address {s:?}: rigd listens on an IP address or localhost (e.g. 127.0.0.1:7447), not on {:?}",
+            addr.host()
+        )
     })
 }
 
@@ -362,5 +367,28 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_are_parsed_as_rigctl_parses_them() {
+        let ok = |s: &str| parse_addr(s).unwrap().to_string();
+        assert_eq!(ok("127.0.0.1:7447"), "127.0.0.1:7447");
+        assert_eq!(ok(" http://localhost:7447/ "), "127.0.0.1:7447");
+        assert_eq!(ok("[::1]:9"), "[::1]:9");
+        assert_eq!(ok(DEFAULT_ADDR), DEFAULT_ADDR);
+        let e = parse_addr("example.com:80").unwrap_err();
+        assert!(
+            e.contains("IP address or localhost") && e.contains("example.com"),
+            "{e}"
+        );
+        let e = parse_addr("127.0.0.1").unwrap_err();
+        assert!(e.contains("expected host:port"), "{e}");
+        let e = parse_addr("https://127.0.0.1:1").unwrap_err();
+        assert!(e.contains("unsupported scheme"), "{e}");
     }
 }
