@@ -182,6 +182,14 @@ async fn measure(
         .collect::<Vec<_>>()
         .join(", ");
     let rss_again_after = again.last().map(|a| a.2).unwrap_or(rss_after);
+    // rigd hands freed memory back every 10 s (malloc_trim): watch RSS for 15 s after the last
+    // close and keep its lowest reading.
+    let mut rss_settled = procs::rss_kib(pid)?;
+    let watch_until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < watch_until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss_settled = rss_settled.min(procs::rss_kib(pid)?);
+    }
     let per_conn_fds = fds_open.saturating_sub(fds_before) as f64 / open.max(1) as f64;
     // What the descriptor limit allows: rigd's own descriptors, then 2 per connection.
     let hard: usize = limit
@@ -193,7 +201,7 @@ async fn measure(
     let per_conn_kib = rss_open.saturating_sub(rss_before) as f64 / open.max(1) as f64;
     println!(
         "conns{label}: {open} of {n} open ({} errors, {again_errors} in the second burst) in {:.1} s, rigd nofile {limit}; \
-         rigd fds {fds_before} → {fds_open} ({per_conn_fds:.2}/conn); RSS {} → {} ({per_conn_kib:.1} KiB/conn) → {} after close → {} all open again → {} after close",
+         rigd fds {fds_before} → {fds_open} ({per_conn_fds:.2}/conn); RSS {} → {} ({per_conn_kib:.1} KiB/conn) → {} after close → {} all open again → {} after close → {} 15 s later",
         errors.len(),
         took.as_secs_f64(),
         mib(rss_before),
@@ -201,6 +209,7 @@ async fn measure(
         mib(rss_after),
         rss_again,
         mib(rss_again_after),
+        mib(rss_settled),
     );
     if let Some(e) = errors.first() {
         println!("conns{label}: first error: {e}");
@@ -217,12 +226,13 @@ async fn measure(
         .target("≥ 10,000 with 0 errors", ok && open >= 10_000),
         Row::new(format!("rigd VmRSS around {n} concurrent tcp connections{label}"))
             .rig(format!(
-                "before {}, all open {}, after close {}; {BURSTS_AGAIN} more bursts: all open {}, after close {}",
+                "before {}, all open {}, after close {}; {BURSTS_AGAIN} more bursts: all open {}, after close {}, 15 s later {}",
                 mib(rss_before),
                 mib(rss_open),
                 mib(rss_after),
                 rss_again,
                 mib(rss_again_after),
+                mib(rss_settled),
             ))
             .ratio(format!("{per_conn_kib:.1} KiB per open connection")),
     ])
