@@ -167,7 +167,11 @@ async fn chain(ctx: &Ctx, rigd: &Rigd) -> Result<Vec<Row>> {
     }
     let spec = json!({ "name": "chain", "services": services });
     let (env, up) = rigd.up(&spec, ctx.work.path()).await?;
-    let ready = env.services.iter().filter(|s| s.state == "ready").count();
+    let ready = env
+        .services
+        .iter()
+        .filter(|s| s.state() == pb::ServiceState::Ready)
+        .count();
     let observed = env.edges.iter().filter(|e| e.observed).count();
     // Idle for a moment, as "services and edges idle" means, then read rigd's memory.
     sleep(Duration::from_secs(2)).await;

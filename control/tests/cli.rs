@@ -526,13 +526,13 @@ fn the_demo_spec_is_found_here_or_next_to_the_build() {
 fn demo_status() -> pb::EnvironmentStatus {
     pb::EnvironmentStatus {
         name: "demo".into(),
-        state: "up".into(),
+        state: pb::EnvironmentState::Up as i32,
         origin: "specs/demo.toml".into(),
         started_at: 1_700_000_000.0,
         services: vec![
             pb::ServiceStatus {
                 name: "store".into(),
-                state: "ready".into(),
+                state: pb::ServiceState::Ready as i32,
                 pid: 4242,
                 ingresses: vec![pb::IngressStatus {
                     name: "default".into(),
@@ -544,7 +544,7 @@ fn demo_status() -> pb::EnvironmentStatus {
             },
             pb::ServiceStatus {
                 name: "traffic".into(),
-                state: "exited".into(),
+                state: pb::ServiceState::Exited as i32,
                 pid: 0,
                 ingresses: vec![],
                 exit: "exited with code 1".into(),

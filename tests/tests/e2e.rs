@@ -89,7 +89,7 @@ fn up_traffic_chaos_metrics_down() {
     assert!(out.contains("web"), "up output names the services: {out}");
 
     let st = status(&rigd, "shop");
-    assert_eq!(st.state, "up");
+    assert_eq!(st.state(), pb::EnvironmentState::Up);
     let all = pids(&st);
     assert_eq!(all.len(), 3, "three services running: {st:?}");
     for p in &all {

@@ -265,7 +265,7 @@ fn edge_chaos_cell(e: &pb::EdgeStatus) -> String {
 /// The services and edges of one environment, as `rigctl status` and `rigctl up` print them.
 pub fn render_status(env: &pb::EnvironmentStatus) -> String {
     let mut out = String::new();
-    let _ = write!(out, "environment {}  {}", env.name, env.state);
+    let _ = write!(out, "environment {}  {}", env.name, env.state().label());
     if !env.origin.is_empty() {
         let _ = write!(out, "  {}", env.origin);
     }
@@ -275,9 +275,9 @@ pub fn render_status(env: &pb::EnvironmentStatus) -> String {
         .iter()
         .map(|s| {
             let state = if s.exit.is_empty() {
-                s.state.clone()
+                s.state().label().to_string()
             } else {
-                format!("{} ({})", s.state, s.exit)
+                format!("{} ({})", s.state().label(), s.exit)
             };
             let pid = if s.pid == 0 {
                 "-".to_string()
@@ -328,7 +328,11 @@ pub fn render_env_list(envs: &[pb::EnvironmentStatus], now: f64) -> String {
     let rows: Vec<Vec<String>> = envs
         .iter()
         .map(|e| {
-            let ready = e.services.iter().filter(|s| s.state == "ready").count();
+            let ready = e
+                .services
+                .iter()
+                .filter(|s| s.state() == pb::ServiceState::Ready)
+                .count();
             let up = if e.started_at > 0.0 {
                 format_age(now - e.started_at)
             } else {
@@ -336,7 +340,7 @@ pub fn render_env_list(envs: &[pb::EnvironmentStatus], now: f64) -> String {
             };
             vec![
                 e.name.clone(),
-                e.state.clone(),
+                e.state().label().to_string(),
                 format!("{ready}/{} ready", e.services.len()),
                 e.edges.len().to_string(),
                 up,
@@ -353,12 +357,12 @@ pub fn render_env_list(envs: &[pb::EnvironmentStatus], now: f64) -> String {
 pub fn status_json(env: &pb::EnvironmentStatus) -> Value {
     json!({
         "name": env.name,
-        "state": env.state,
+        "state": env.state().label(),
         "origin": env.origin,
         "started_at": env.started_at,
         "services": env.services.iter().map(|s| json!({
             "name": s.name,
-            "state": s.state,
+            "state": s.state().label(),
             "pid": s.pid,
             "exit": s.exit,
             "command": s.command,

@@ -16,7 +16,9 @@ use tonic::{Request, Response, Status};
 
 use super::Shared;
 use crate::eventlog::{Filter, Followed, unix_secs};
-use crate::registry::view::{EdgeChaos, EnvView, Selector, SpecSource, UpStep};
+use crate::registry::view::{
+    EdgeChaos, EnvState, EnvView, Selector, ServiceState, SpecSource, UpStep,
+};
 use crate::registry::{ErrorKind, RegistryError};
 use crate::spec;
 
@@ -72,7 +74,7 @@ fn step_pb(s: UpStep) -> pb::UpProgress {
 pub(crate) fn env_pb(v: &EnvView) -> pb::EnvironmentStatus {
     pb::EnvironmentStatus {
         name: v.name.clone(),
-        state: v.state.to_string(),
+        state: env_state(v.state) as i32,
         origin: v.origin.clone(),
         started_at: unix_secs(v.started_at),
         services: v
@@ -80,7 +82,7 @@ pub(crate) fn env_pb(v: &EnvView) -> pb::EnvironmentStatus {
             .iter()
             .map(|s| pb::ServiceStatus {
                 name: s.name.clone(),
-                state: s.state.to_string(),
+                state: service_state(s.state) as i32,
                 pid: s.pid.unwrap_or(0),
                 ingresses: s
                     .ingresses
@@ -112,6 +114,26 @@ pub(crate) fn env_pb(v: &EnvView) -> pb::EnvironmentStatus {
                 chaos: Some(pb::ChaosSpec::from(&e.chaos.spec)),
             })
             .collect(),
+    }
+}
+
+fn env_state(s: EnvState) -> pb::EnvironmentState {
+    match s {
+        EnvState::Starting => pb::EnvironmentState::Starting,
+        EnvState::Up => pb::EnvironmentState::Up,
+        EnvState::Degraded => pb::EnvironmentState::Degraded,
+        EnvState::Stopping => pb::EnvironmentState::Stopping,
+    }
+}
+
+fn service_state(s: ServiceState) -> pb::ServiceState {
+    match s {
+        ServiceState::Pending => pb::ServiceState::Pending,
+        ServiceState::Starting => pb::ServiceState::Starting,
+        ServiceState::Ready => pb::ServiceState::Ready,
+        ServiceState::Failed => pb::ServiceState::Failed,
+        ServiceState::Exited => pb::ServiceState::Exited,
+        ServiceState::Stopped => pb::ServiceState::Stopped,
     }
 }
 
