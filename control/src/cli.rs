@@ -67,11 +67,7 @@ pub struct GlobalArgs {
 impl GlobalArgs {
     /// The token, if one is set and not empty (an empty RIG_TOKEN means none).
     pub fn token(&self) -> Option<&str> {
-        self.token_file
-            .as_ref()
-            .or(self.token.as_ref())
-            .map(Secret::expose)
-            .filter(|t| !t.is_empty())
+        crate::secret::resolve(self.token.as_ref(), self.token_file.as_ref()).map(Secret::expose)
     }
 
     pub fn env(&self) -> Option<&str> {

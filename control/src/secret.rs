@@ -118,8 +118,8 @@ pub fn parse_token_file(path: &str) -> Result<Secret, SecretFileError> {
 
 /// The token from a `--token`/`RIG_TOKEN` value and a `--token-file`/`RIG_TOKEN_FILE`
 /// (already read), at most one of which clap lets through; an empty value means none.
-pub fn resolve(value: Option<&Secret>, file: Option<&Secret>) -> Option<Secret> {
-    file.or(value).and_then(|s| Secret::non_empty(s.0.clone()))
+pub fn resolve<'a>(value: Option<&'a Secret>, file: Option<&'a Secret>) -> Option<&'a Secret> {
+    file.or(value).filter(|s| !s.0.is_empty())
 }
 
 #[cfg(test)]
@@ -153,14 +153,10 @@ mod tests {
     fn an_empty_value_means_no_token() {
         assert_eq!(Secret::non_empty(""), None);
         assert_eq!(resolve(Some(&"".parse().unwrap()), None), None);
-        assert_eq!(
-            resolve(Some(&"t".parse().unwrap()), None),
-            Secret::non_empty("t")
-        );
-        assert_eq!(
-            resolve(None, Secret::non_empty("f").as_ref()),
-            Secret::non_empty("f")
-        );
+        let t = Secret::non_empty("t");
+        assert_eq!(resolve(t.as_ref(), None), t.as_ref());
+        let f = Secret::non_empty("f");
+        assert_eq!(resolve(t.as_ref(), f.as_ref()), f.as_ref(), "the file wins");
     }
 
     #[test]

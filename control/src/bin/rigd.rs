@@ -55,7 +55,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let token = secret::resolve(args.token.as_ref(), args.token_file.as_ref());
+    let token = secret::resolve(args.token.as_ref(), args.token_file.as_ref()).cloned();
     let cfg = DaemonConfig {
         listen,
         token,
